@@ -1,0 +1,1 @@
+"""Lattice: elastic, fault-tolerant training."""
