@@ -1,0 +1,175 @@
+"""Where a ``DataLoader`` is in its epoch, and how to resume there without loading the skipped data.
+
+Registering a loader swaps its class for a tracking subclass (the object, its workers and
+its settings are untouched). The subclass counts the batches handed out in the current
+epoch and records the RNG states the loader's randomness is drawn from: the state at
+iterator creation (worker base seed) and the state when the sampler starts (shuffle
+order). On resume, the next ``iter(loader)`` replays both draws from the saved states, so
+the epoch has the same order, then skips the consumed batches at the index level: for
+map-style datasets the skipped samples are never loaded. The global RNG is left exactly as
+restored, so training after the resume draws the same numbers as an uninterrupted run.
+
+Limits: an ``IterableDataset`` cannot skip by index, so its consumed batches are read and
+dropped (logged once); with ``num_workers > 0`` randomness inside the workers (random
+augmentation) follows the worker seeds, which restart with the epoch's iterator.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from ..core.adapter import Adapter
+
+log = logging.getLogger("lattice")
+
+
+def _rng(loader: DataLoader) -> dict[str, Any]:
+    gen = loader.generator
+    return {"cpu": torch.get_rng_state(), "gen": gen.get_state() if gen is not None else None}
+
+
+def _set_rng(loader: DataLoader, state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state.get("gen") is not None and loader.generator is not None:
+        loader.generator.set_state(state["gen"])
+
+
+class _Position:
+    def __init__(self) -> None:
+        self.epoch = 0  # iterations started
+        self.batches = 0  # batches handed out in the current epoch
+        self.base_rng: dict[str, Any] | None = None
+        self.sampler_rng: dict[str, Any] | None = None
+        self.resume: dict[str, Any] | None = None
+        self.wrapper: _IndexSampler | None = None
+
+
+class _IndexSampler:
+    """Wraps the loader's index sampler; on resume replays its first draw and skips batches."""
+
+    def __init__(self, inner: Any, loader: DataLoader):
+        self.inner, self.loader = inner, loader
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Any:
+        return self._run()
+
+    def _run(self) -> Any:
+        pos: _Position = self.loader._lattice_position
+        resume, pos.resume = pos.resume, None
+        if resume is None:
+            pos.sampler_rng = _rng(self.loader)
+            yield from self.inner
+            return
+        current = _rng(self.loader)
+        _set_rng(self.loader, resume["sampler_rng"])
+        it = iter(self.inner)
+        first = list(itertools.islice(it, 1))  # starts the sampler: its seed draw happens now
+        _set_rng(self.loader, current)
+        pos.sampler_rng = resume["sampler_rng"]
+        yield from itertools.islice(itertools.chain(first, it), resume["batches"], None)
+
+
+class _Counting:
+    """The loader's iterator, counting the batches it hands out."""
+
+    def __init__(self, it: Any, pos: _Position):
+        self._it, self._pos = it, pos
+
+    def __iter__(self) -> _Counting:
+        return self
+
+    def __len__(self) -> int:
+        return len(self._it)
+
+    def __next__(self) -> Any:
+        batch = next(self._it)
+        self._pos.batches += 1
+        return batch
+
+
+class _TrackedLoader:
+    """Mixed in front of the loader's own class by ``DataLoaderAdapter.attach``."""
+
+    _lattice_position: _Position
+
+    @property
+    def _index_sampler(self) -> Any:
+        inner = super()._index_sampler  # type: ignore[misc]
+        pos = self._lattice_position
+        if pos.wrapper is None or pos.wrapper.inner is not inner:
+            pos.wrapper = _IndexSampler(inner, self)  # type: ignore[arg-type]
+        return pos.wrapper
+
+    def __iter__(self) -> Any:
+        pos = self._lattice_position
+        resume = pos.resume
+        if resume is None:
+            pos.base_rng, pos.epoch, pos.batches = _rng(self), pos.epoch + 1, 0  # type: ignore[arg-type]
+            return _Counting(super().__iter__(), pos)  # type: ignore[misc]
+        current = _rng(self)  # type: ignore[arg-type]
+        _set_rng(self, resume["base_rng"])  # type: ignore[arg-type]
+        it = super().__iter__()  # type: ignore[misc]
+        iterable = isinstance(self.dataset, IterableDataset)  # type: ignore[attr-defined]
+        if iterable:  # no index-level skipping: read the consumed batches and drop them
+            pos.resume = None
+            log.info("resuming an IterableDataset loader: reading and dropping %d batches", resume["batches"])
+            for _ in range(resume["batches"]):
+                next(it, None)
+        _set_rng(self, current)  # type: ignore[arg-type]
+        pos.base_rng, pos.epoch, pos.batches = resume["base_rng"], resume["epoch"], resume["batches"]
+        if iterable:
+            pos.sampler_rng = resume["sampler_rng"]
+        return _Counting(it, pos)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _tracked_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Lattice{cls.__name__}", (_TrackedLoader, cls), {"__module__": cls.__module__})
+    return _CLASSES[cls]
+
+
+class DataLoaderAdapter(Adapter):
+    """``torch.utils.data.DataLoader``: epoch, batches consumed, and the RNG states of the epoch."""
+
+    name = "torch.dataloader"
+    priority = 100
+
+    def handles(self, obj: Any) -> bool:
+        return isinstance(obj, DataLoader)
+
+    def attach(self, obj: Any) -> Any:
+        if not isinstance(obj, _TrackedLoader):
+            obj.__class__ = _tracked_class(type(obj))
+            obj._lattice_position = _Position()
+        return obj
+
+    def save(self, obj: Any) -> Any:
+        pos: _Position = obj._lattice_position
+        if pos.resume is not None:  # restored but not iterated yet: keep the restored position
+            return dict(pos.resume)
+        return {"epoch": pos.epoch, "batches": pos.batches, "base_rng": pos.base_rng, "sampler_rng": pos.sampler_rng}
+
+    def load(self, obj: Any, tree: Any) -> Any:
+        pos: _Position = self.attach(obj)._lattice_position
+        pos.epoch, pos.batches = tree["epoch"], tree["batches"]
+        finished = tree["base_rng"] is None or tree["batches"] == 0 or _epoch_done(obj, tree["batches"])
+        pos.resume = None if finished else dict(tree)
+        return obj
+
+
+def _epoch_done(loader: DataLoader, batches: int) -> bool:
+    try:
+        return batches >= len(loader)
+    except TypeError:  # an IterableDataset without __len__
+        return False

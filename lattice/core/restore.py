@@ -1,0 +1,242 @@
+"""Restore: the newest committed checkpoint that verifies, read straight into the registered objects.
+
+Array data is read from the data file directly into the registered objects' own memory
+where shape and dtype match (no intermediate copy), while a second thread checks the
+crc32c of every byte. A missing, truncated or corrupt file raises
+``CorruptCheckpointError``; the caller then falls back to the previous checkpoint.
+A shape, dtype, key or adapter mismatch is the user's to fix and is raised at once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import crc32c
+import numpy as np
+
+from . import fmt
+from .arrays import CODECS, DTYPES, Codecs, nbytes
+from .errors import CorruptCheckpointError, StateMismatchError
+from .progress import Progress
+from .snapshot import Item
+from .tree import array_nodes, decode, live_arrays, path_str
+
+log = logging.getLogger("lattice")
+CHUNK = 64 << 20
+
+
+@dataclasses.dataclass
+class Restored:
+    """What a restore produced: the step, where from, and each item's restored object."""
+
+    step: int
+    path: Path
+    wall_time: float
+    objects: dict[str, Any]
+    missing: list[str]  # registered items that the checkpoint does not have
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        raw = (path / fmt.MANIFEST).read_bytes()
+    except OSError as exc:
+        raise CorruptCheckpointError(str(path), fmt.MANIFEST, f"cannot be read: {exc.strerror or exc}") from None
+    try:
+        return fmt.parse_manifest(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(str(path), fmt.MANIFEST, f"is not a valid manifest: {exc}") from None
+
+
+def check_sizes(path: Path, manifest: dict[str, Any]) -> None:
+    for name, info in manifest["files"].items():
+        try:
+            size = (path / name).stat().st_size
+        except FileNotFoundError:
+            raise CorruptCheckpointError(str(path), name, "is missing") from None
+        if size != info["size"]:
+            what = "truncated" if size < info["size"] else "longer than written"
+            raise CorruptCheckpointError(str(path), name, f"is {what}: {size} bytes, manifest says {info['size']}")
+
+
+def read_tree(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    raw = (path / fmt.TREE).read_bytes()
+    if crc32c.crc32c(raw) != manifest["files"][fmt.TREE]["crc32c"]:
+        raise CorruptCheckpointError(str(path), fmt.TREE, "crc32c mismatch (the file is corrupt)")
+    try:
+        doc = json.loads(raw)
+        return doc["items"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptCheckpointError(str(path), fmt.TREE, f"is not valid: {exc}") from None
+
+
+@dataclasses.dataclass
+class _Read:
+    offset: int
+    size: int
+    view: np.ndarray  # uint8 destination
+
+
+class _Plan:
+    """Where every array of the wanted items goes, checked against the file's header."""
+
+    def __init__(self, path: Path, header: dict[str, Any], codecs: Codecs):
+        self.path, self.header, self.codecs = path, header, codecs
+        self.reads: list[_Read] = []
+        self.values: dict[str, list[Any]] = {}
+
+    def add_item(self, name: str, entry: dict[str, Any], live: dict[tuple, Any]) -> None:
+        arrays = entry.get("arrays", [])
+        values: list[Any] = [None] * len(arrays)
+        for path, node in array_nodes(entry["tree"]):
+            tensor = arrays[node["$array"]]
+            dtype, shape = node["dtype"], tuple(node["shape"])
+            begin, end = self._locate(tensor, dtype, shape)
+            value, view = self._destination(name, path, dtype, shape, node, live.get(path))
+            values[node["$array"]] = value
+            if end > begin:
+                self.reads.append(_Read(begin, end - begin, view))
+        self.values[name] = values
+
+    def _locate(self, tensor: str, dtype: str, shape: tuple[int, ...]) -> tuple[int, int]:
+        info = self.header.get(tensor)
+        if not isinstance(info, dict) or dtype not in DTYPES:
+            raise CorruptCheckpointError(str(self.path), fmt.DATA, f"has no valid entry for tensor {tensor!r}")
+        begin, end = info.get("data_offsets", (0, -1))
+        if end - begin != nbytes(dtype, shape):
+            raise CorruptCheckpointError(str(self.path), fmt.DATA, f"tensor {tensor!r} has the wrong size")
+        return begin, end
+
+    def _destination(self, item: str, path: tuple, dtype: str, shape: tuple[int, ...],
+                     node: dict[str, Any], target: Any) -> tuple[Any, np.ndarray]:
+        if target is not None:
+            codec = self.codecs.find(target)
+            tdtype, tshape = codec.describe(target)
+            if (tdtype, tshape) != (dtype, shape):
+                raise StateMismatchError(
+                    f"item {item!r}, key {path_str(path)!r}: the checkpoint has shape {list(shape)} "
+                    f"{dtype}, the registered object has shape {list(tshape)} {tdtype} (checkpoint: {self.path})"
+                )
+            view = codec.byte_view(target)
+            if view is not None:
+                return target, view
+        codec = self.codecs.by_kind(node.get("kind", "numpy")) or self.codecs.by_kind("numpy")
+        value = codec.empty(dtype, shape)
+        view = codec.byte_view(value)
+        if node.get("scalar"):
+            return _Scalar(value), view
+        return value, view
+
+
+class _Scalar:
+    """A numpy scalar being restored: read into a 0-d array, unwrapped when the tree is rebuilt."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+
+def _resolve(value: Any) -> Any:
+    return value.array[()] if isinstance(value, _Scalar) else value
+
+
+def read_data(path: Path, manifest: dict[str, Any], plan_for: Any) -> _Plan:
+    """Open the data file, build the plan with ``plan_for(header)``, read and verify every byte."""
+    file = path / fmt.DATA
+    expect = manifest["files"][fmt.DATA]
+    with open(file, "rb", buffering=0) as f:
+        raw8 = f.read(8)
+        try:
+            header, start = fmt.read_header(raw8, f.read)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CorruptCheckpointError(str(path), fmt.DATA, f"has a bad header: {exc}") from None
+        plan = plan_for(header)
+        crc = _Crc(crc32c.crc32c(raw8 + _header_body(f, start)))
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lattice-crc") as pool, \
+                Progress(f"restore {path.name}", expect["size"]) as progress:
+            progress.update(start)
+            pos = start
+            for r in sorted(plan.reads, key=lambda r: r.offset):
+                pos = _skip_to(f, pos, start + r.offset, crc, pool, progress, path)
+                for i in range(0, r.size, CHUNK):
+                    view = r.view[i:i + CHUNK]
+                    _read_exact(f, memoryview(view), path)
+                    pool.submit(crc.add, view)
+                    progress.update(len(view))
+                pos += r.size
+            _skip_to(f, pos, expect["size"], crc, pool, progress, path)
+    if crc.value != expect["crc32c"]:
+        raise CorruptCheckpointError(str(path), fmt.DATA, "crc32c mismatch (the file is corrupt)")
+    return plan
+
+
+def _header_body(f: Any, start: int) -> bytes:
+    f.seek(8)
+    body = f.read(start - 8)
+    f.seek(start)
+    return body
+
+
+class _Crc:
+    def __init__(self, value: int):
+        self.value = value
+
+    def add(self, data: Any) -> None:
+        self.value = crc32c.crc32c(data, self.value)
+
+
+def _read_exact(f: Any, view: memoryview, path: Path) -> None:
+    while len(view):
+        n = f.readinto(view)
+        if not n:
+            raise CorruptCheckpointError(str(path), fmt.DATA, "ends early (truncated)")
+        view = view[n:]
+
+
+def _skip_to(f: Any, pos: int, target: int, crc: _Crc, pool: Any, progress: Progress, path: Path) -> int:
+    """Read (and checksum) the bytes between ``pos`` and ``target`` that no object wants."""
+    if target < pos:
+        raise CorruptCheckpointError(str(path), fmt.DATA, "tensors overlap in the data file")
+    while pos < target:
+        chunk = bytearray(min(CHUNK, target - pos))
+        _read_exact(f, memoryview(chunk), path)
+        pool.submit(crc.add, chunk)
+        progress.update(len(chunk))
+        pos += len(chunk)
+    return pos
+
+
+def restore_from(path: Path, items: dict[str, Item], codecs: Codecs = CODECS) -> Restored:
+    """Verify checkpoint ``path`` and load it into ``items`` (raises CorruptCheckpointError)."""
+    manifest = read_manifest(path)
+    check_sizes(path, manifest)
+    saved = read_tree(path, manifest)
+    wanted = {name: item for name, item in items.items() if name in saved}
+    for name, item in wanted.items():
+        _check_adapter(name, item, saved[name]["adapter"], path)
+
+    def plan_for(header: dict[str, Any]) -> _Plan:
+        plan = _Plan(path, header, codecs)
+        for name, item in wanted.items():
+            plan.add_item(name, saved[name], live_arrays(item.adapter.save(item.obj), codecs))
+        return plan
+
+    plan = read_data(path, manifest, plan_for)
+    objects = {}
+    for name, item in wanted.items():
+        values = plan.values[name]
+        tree = decode(saved[name]["tree"], lambda node, v=values: _resolve(v[node["$array"]]))
+        objects[name] = item.adapter.load(item.obj, tree)
+    missing = [n for n in items if n not in saved]
+    return Restored(manifest["step"], path, float(manifest.get("wall_time", 0.0)), objects, missing)
+
+
+def _check_adapter(name: str, item: Item, recorded: str, path: Path) -> None:
+    if item.adapter.name != recorded:
+        raise StateMismatchError(
+            f"item {name!r} was saved by adapter {recorded!r} but the registered object is handled "
+            f"by {item.adapter.name!r} (checkpoint: {path}); register the same kind of object"
+        )

@@ -1,0 +1,173 @@
+"""One process's checkpointing: registered items, the step counter, the policy, save and restore.
+
+``lattice.register`` / ``step`` / ``checkpoint`` / ``wait`` are thin wrappers over the
+process-wide default ``Session``; tests and advanced users can run their own.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import keyword
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from .adapter import AdapterRegistry
+from .arrays import CODECS, Codecs
+from .config import Config
+from .errors import CheckpointError, ConfigError, CorruptCheckpointError
+from .persist import Persister
+from .restore import Restored, restore_from
+from .snapshot import HostBuffer, Item, take
+from .state import State
+from .storage import LocalDirectory
+
+log = logging.getLogger("lattice")
+RESERVED = {"step", "restored_from", "items"}
+
+
+class Session:
+    """Registered state plus the checkpoint machinery for one checkpoint directory."""
+
+    def __init__(self, config: Config, adapters: AdapterRegistry, codecs: Codecs = CODECS,
+                 internal: dict[str, Any] | None = None):
+        self.config, self.adapters, self.codecs = config, adapters, codecs
+        self.storage = LocalDirectory(config.checkpoint_dir)
+        self.storage.prepare()
+        for path in self.storage.cleanup_leftovers():
+            log.info("removed leftover %s from an interrupted checkpoint", path)
+        self.items: dict[str, Item] = {}
+        self.step = 0
+        self.restored: Restored | None = None
+        self._restore_path: Path | None = None
+        self._restore_checked = False
+        self._buffer = HostBuffer()
+        self._persister = Persister(self.storage, config.keep)
+        self._inflight: concurrent.futures.Future[Path] | None = None
+        self._inflight_step = -1
+        self._last_time = time.monotonic()
+        self.skipped = 0
+        self.state = State(self)
+        self._internal = dict(internal or {})
+
+    # -- registration and restore -------------------------------------------------
+    def register(self, objects: dict[str, Any]) -> State:
+        new: dict[str, Item] = {}
+        for name, obj in objects.items():
+            self._check_name(name, obj)
+            adapter = self.adapters.resolve(obj, name)
+            new[name] = Item(adapter, adapter.attach(obj))
+        if not self.items and self.config.capture_rng:
+            for name, obj in self._internal.items():
+                adapter = self.adapters.resolve(obj, name)
+                new[name] = Item(adapter, adapter.attach(obj))
+        self.items.update(new)
+        if self.config.restore:
+            self._restore(new)
+        return self.state
+
+    def _check_name(self, name: str, obj: Any) -> None:
+        if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_") or name in RESERVED:
+            raise ConfigError(f"cannot register {name!r}: names must be identifiers, not start with '_', "
+                              f"and not be one of {sorted(RESERVED)}")
+        if name in self.items and self.items[name].obj is not obj:
+            raise ConfigError(f"{name!r} is already registered with another object")
+
+    def _restore(self, new: dict[str, Item]) -> None:
+        if not self._restore_checked:
+            self._restore_checked = True
+            self.restored = self._restore_newest(new)
+            if self.restored:
+                self._restore_path = self.restored.path
+                self.step = self.restored.step
+        elif self._restore_path is not None:
+            late = restore_from(self._restore_path, new, self.codecs)
+            self._apply(late, new)
+
+    def _restore_newest(self, items: dict[str, Item]) -> Restored | None:
+        damaged: list[tuple[Path, CorruptCheckpointError]] = []
+        for step, path in self.storage.committed():
+            try:
+                restored = restore_from(path, items, self.codecs)
+            except CorruptCheckpointError as exc:
+                log.warning("checkpoint step %d is unusable, falling back to an older one: %s", step, exc)
+                damaged.append((path, exc))
+                continue
+            self._apply(restored, items)
+            self._set_aside(damaged)
+            log.info("restored step %d from %s%s", restored.step, path,
+                     f" (not in checkpoint, kept as given: {restored.missing})" if restored.missing else "")
+            return restored
+        if damaged:
+            reasons = "; ".join(str(exc) for _, exc in damaged)
+            raise CheckpointError(f"no usable checkpoint in {self.storage.root}: {reasons}. Nothing was "
+                                  "deleted; move the damaged checkpoints away to start from scratch")
+        return None
+
+    def _set_aside(self, damaged: list[tuple[Path, CorruptCheckpointError]]) -> None:
+        for path, _ in damaged:
+            try:
+                log.warning("moved damaged checkpoint %s to %s", path, self.storage.quarantine(path))
+            except OSError as exc:
+                log.warning("could not move damaged checkpoint %s aside: %s", path, exc)
+
+    def _apply(self, restored: Restored, items: dict[str, Item]) -> None:
+        for name, obj in restored.objects.items():
+            items[name].obj = obj
+
+    # -- steps and checkpoints ----------------------------------------------------
+    def step_done(self) -> None:
+        """Count one training step and checkpoint if the policy says so."""
+        self.step += 1
+        cfg = self.config
+        due = bool(cfg.every_steps) and self.step % cfg.every_steps == 0
+        if not due and cfg.every_seconds is not None:
+            due = time.monotonic() - self._last_time >= cfg.every_seconds
+        if due:
+            self.checkpoint(policy=True)
+
+    def busy(self) -> bool:
+        return self._inflight is not None and not self._inflight.done()
+
+    def checkpoint(self, *, policy: bool = False) -> concurrent.futures.Future[Path] | None:
+        """Snapshot now and persist in the background; returns the persist future (None if skipped)."""
+        if not self.items:
+            raise CheckpointError("nothing is registered: call lattice.register(...) before checkpointing")
+        if self.busy():
+            if policy and self.config.on_busy == "skip":
+                self.skipped += 1
+                log.info("checkpoint at step %d skipped: step %s is still persisting (on_busy='skip')",
+                         self.step, self._inflight_step)
+                return None
+            log.info("checkpoint at step %d waits for the previous one to finish persisting", self.step)
+            concurrent.futures.wait([self._inflight])
+        snap = take(self.items, self.step, self._buffer, self.codecs)
+        self._last_time = time.monotonic()
+        self._inflight = self._persister.submit(snap)
+        self._inflight_step = snap.step
+        return self._inflight
+
+    def wait(self, timeout: float | None = None) -> Path | None:
+        """Block until the in-flight checkpoint is committed; raise if it failed."""
+        if self._inflight is None:
+            return None
+        try:
+            return self._inflight.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise CheckpointError(f"checkpoint not committed within {timeout}s") from None
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint failed: {type(exc).__name__}: {exc}") from exc
+
+    @property
+    def last_committed(self) -> int | None:
+        return self._persister.last_committed
+
+    def close(self) -> None:
+        """Wait for the in-flight checkpoint (logging a failure) and free the host buffer."""
+        if self._inflight is not None:
+            try:
+                self._inflight.result()
+            except Exception:  # already logged by the persist thread
+                pass
+        self._buffer.release()
