@@ -43,6 +43,7 @@ class _Position:
     def __init__(self) -> None:
         self.epoch = 0  # iterations started
         self.batches = 0  # batches handed out in the current epoch
+        self.exhausted = False  # the epoch's iterator has raised StopIteration
         self.base_rng: dict[str, Any] | None = None
         self.sampler_rng: dict[str, Any] | None = None
         self.resume: dict[str, Any] | None = None
@@ -90,52 +91,60 @@ class _Counting:
         return len(self._it)
 
     def __next__(self) -> Any:
-        batch = next(self._it)
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self._pos.exhausted = True
+            raise
         self._pos.batches += 1
         return batch
 
 
-class _TrackedLoader:
-    """Mixed in front of the loader's own class by ``DataLoaderAdapter.attach``."""
+def _index_sampler(self: Any, base: type) -> Any:
+    inner = base._index_sampler.fget(self)  # type: ignore[attr-defined]
+    pos = self._lattice_position
+    if pos.wrapper is None or pos.wrapper.inner is not inner:
+        pos.wrapper = _IndexSampler(inner, self)
+    return pos.wrapper
 
-    _lattice_position: _Position
 
-    @property
-    def _index_sampler(self) -> Any:
-        inner = super()._index_sampler  # type: ignore[misc]
-        pos = self._lattice_position
-        if pos.wrapper is None or pos.wrapper.inner is not inner:
-            pos.wrapper = _IndexSampler(inner, self)  # type: ignore[arg-type]
-        return pos.wrapper
-
-    def __iter__(self) -> Any:
-        pos = self._lattice_position
-        resume = pos.resume
-        if resume is None:
-            pos.base_rng, pos.epoch, pos.batches = _rng(self), pos.epoch + 1, 0  # type: ignore[arg-type]
-            return _Counting(super().__iter__(), pos)  # type: ignore[misc]
-        current = _rng(self)  # type: ignore[arg-type]
-        _set_rng(self, resume["base_rng"])  # type: ignore[arg-type]
-        it = super().__iter__()  # type: ignore[misc]
-        iterable = isinstance(self.dataset, IterableDataset)  # type: ignore[attr-defined]
-        if iterable:  # no index-level skipping: read the consumed batches and drop them
-            pos.resume = None
-            log.info("resuming an IterableDataset loader: reading and dropping %d batches", resume["batches"])
-            for _ in range(resume["batches"]):
-                next(it, None)
-        _set_rng(self, current)  # type: ignore[arg-type]
-        pos.base_rng, pos.epoch, pos.batches = resume["base_rng"], resume["epoch"], resume["batches"]
-        if iterable:
-            pos.sampler_rng = resume["sampler_rng"]
-        return _Counting(it, pos)
+def _iter(self: Any, base: type) -> Any:
+    pos: _Position = self._lattice_position
+    resume = pos.resume
+    if resume is None:
+        pos.base_rng, pos.epoch, pos.batches, pos.exhausted = _rng(self), pos.epoch + 1, 0, False
+        return _Counting(base.__iter__(self), pos)
+    current = _rng(self)
+    _set_rng(self, resume["base_rng"])
+    it = base.__iter__(self)
+    iterable = isinstance(self.dataset, IterableDataset)
+    if iterable:  # no index-level skipping: read the consumed batches and drop them
+        pos.resume = None
+        log.info("resuming an IterableDataset loader: reading and dropping %d batches", resume["batches"])
+        for _ in range(resume["batches"]):
+            next(it, None)
+    _set_rng(self, current)
+    pos.base_rng, pos.epoch, pos.batches = resume["base_rng"], resume["epoch"], resume["batches"]
+    pos.exhausted = False
+    if iterable:
+        pos.sampler_rng = resume["sampler_rng"]
+    return _Counting(it, pos)
 
 
 _CLASSES: dict[type, type] = {}
 
 
 def _tracked_class(cls: type) -> type:
+    """A subclass of the loader's own class with counting ``__iter__`` and wrapped index sampler.
+
+    The methods call ``cls``'s explicitly (no mixin in the MRO), so the object layout is
+    unchanged and ``__class__`` assignment is allowed.
+    """
     if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Lattice{cls.__name__}", (_TrackedLoader, cls), {"__module__": cls.__module__})
+        ns = {"__module__": cls.__module__, "__slots__": (),
+              "_index_sampler": property(lambda self: _index_sampler(self, cls)),
+              "__iter__": lambda self: _iter(self, cls)}
+        _CLASSES[cls] = type(f"Lattice{cls.__name__}", (cls,), ns)
     return _CLASSES[cls]
 
 
@@ -149,7 +158,7 @@ class DataLoaderAdapter(Adapter):
         return isinstance(obj, DataLoader)
 
     def attach(self, obj: Any) -> Any:
-        if not isinstance(obj, _TrackedLoader):
+        if type(obj) not in _CLASSES.values():
             obj.__class__ = _tracked_class(type(obj))
             obj._lattice_position = _Position()
         return obj
@@ -158,18 +167,19 @@ class DataLoaderAdapter(Adapter):
         pos: _Position = obj._lattice_position
         if pos.resume is not None:  # restored but not iterated yet: keep the restored position
             return dict(pos.resume)
-        return {"epoch": pos.epoch, "batches": pos.batches, "base_rng": pos.base_rng, "sampler_rng": pos.sampler_rng}
+        return {"epoch": pos.epoch, "batches": pos.batches, "exhausted": pos.exhausted,
+                "base_rng": pos.base_rng, "sampler_rng": pos.sampler_rng}
 
     def load(self, obj: Any, tree: Any) -> Any:
+        """Resume inside the saved epoch unless its iterator had run out.
+
+        A checkpoint taken at the last batch of an epoch (inside the ``for`` loop) resumes
+        with an empty remainder, so the code after the loop runs once, as it would have;
+        one taken after the loop ended starts the next epoch.
+        """
         pos: _Position = self.attach(obj)._lattice_position
-        pos.epoch, pos.batches = tree["epoch"], tree["batches"]
-        finished = tree["base_rng"] is None or tree["batches"] == 0 or _epoch_done(obj, tree["batches"])
-        pos.resume = None if finished else dict(tree)
+        pos.epoch, pos.batches, pos.exhausted = tree["epoch"], tree["batches"], tree["exhausted"]
+        pos.base_rng, pos.sampler_rng = tree["base_rng"], tree["sampler_rng"]
+        fresh = tree["base_rng"] is None or tree["sampler_rng"] is None or tree["exhausted"]
+        pos.resume = None if fresh else dict(tree)
         return obj
-
-
-def _epoch_done(loader: DataLoader, batches: int) -> bool:
-    try:
-        return batches >= len(loader)
-    except TypeError:  # an IterableDataset without __len__
-        return False

@@ -103,7 +103,7 @@ class ServerHandle:
         self.host, self.port = httpd.server_address[:2]
         self.url = f"http://{self.host}:{self.port}"
         self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="kv-server", daemon=True
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="kv-server", daemon=True
         )
         self._stopped = False
 

@@ -1,0 +1,92 @@
+"""Read-only views of a checkpoint directory for ``lattice ckpt``: list, describe, verify."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import crc32c
+
+from . import fmt
+from .errors import ConfigError, CorruptCheckpointError
+from .progress import Progress
+from .restore import check_sizes, read_manifest, read_tree
+from .storage import CORRUPT_TAG, TMP_TAG, LocalDirectory
+
+CHUNK = 64 << 20
+
+
+@dataclasses.dataclass
+class Listing:
+    committed: list[tuple[int, Path]]
+    latest: str | None
+    other: list[str]  # temporary, damaged and unknown entries
+
+
+def listing(root: str | os.PathLike[str]) -> Listing:
+    path = Path(root)
+    if not path.is_dir():
+        raise ConfigError(f"{str(path)!r} is not a directory")
+    store = LocalDirectory(path)
+    latest_file = path / fmt.LATEST
+    latest = latest_file.read_text().strip() if latest_file.is_file() else None
+    names = {p.name for _, p in store.committed()}
+    other = sorted(n for n in os.listdir(path) if n not in names and n != fmt.LATEST
+                   and (n.startswith(fmt.STEP_PREFIX) or TMP_TAG in n or CORRUPT_TAG in n))
+    return Listing(store.committed(), latest, other)
+
+
+def find(root: str | os.PathLike[str], step: int | None) -> Path:
+    """The checkpoint directory of ``step`` (newest committed if ``None``)."""
+    committed = listing(root).committed
+    if not committed:
+        raise ConfigError(f"no committed checkpoint in {str(root)!r}")
+    if step is None:
+        return committed[0][1]
+    for s, p in committed:
+        if s == step:
+            return p
+    raise ConfigError(f"no committed checkpoint of step {step} in {str(root)!r}; steps: {[s for s, _ in committed]}")
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """Manifest, items (with adapters) and tensors (name, dtype, shape, bytes) of one checkpoint."""
+    manifest = read_manifest(path)
+    tree = read_tree(path, manifest)
+    with open(path / fmt.DATA, "rb") as f:
+        header, _ = fmt.read_header(f.read(8), f.read)
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    items = {}
+    for name, entry in tree.items():
+        arrays = entry.get("arrays", [])
+        size = sum(tensors[a]["data_offsets"][1] - tensors[a]["data_offsets"][0] for a in arrays if a in tensors)
+        items[name] = {"adapter": entry["adapter"], "tensors": len(arrays), "bytes": size}
+    return {"path": str(path), "manifest": manifest, "items": items, "tensors": tensors}
+
+
+def verify(path: Path, progress: bool = True) -> None:
+    """Check every file's size and crc32c and the tree/header consistency; raise on damage."""
+    manifest = read_manifest(path)
+    check_sizes(path, manifest)
+    for name, info in manifest["files"].items():
+        crc = 0
+        with open(path / name, "rb", buffering=0) as f, \
+                Progress(f"verify {path.name}/{name}", info["size"], threshold=(1 << 30) if progress else 1 << 62) as bar:
+            while chunk := f.read(CHUNK):
+                crc = crc32c.crc32c(chunk, crc)
+                bar.update(len(chunk))
+        if crc != info["crc32c"]:
+            raise CorruptCheckpointError(str(path), name, "crc32c mismatch (the file is corrupt)")
+    tree = read_tree(path, manifest)
+    with open(path / fmt.DATA, "rb") as f:
+        try:
+            header, _ = fmt.read_header(f.read(8), f.read)
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise CorruptCheckpointError(str(path), fmt.DATA, f"has a bad header: {exc}") from None
+    for item, entry in tree.items():
+        for tensor in entry.get("arrays", []):
+            if tensor not in header:
+                raise CorruptCheckpointError(str(path), fmt.DATA, f"lacks tensor {tensor!r} of item {item!r}")
