@@ -37,7 +37,9 @@ def call(
 
 def jcall(srv: ServerHandle, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body)
-    status, _, raw = call(srv, method, path, data)
+    status, headers, raw = call(srv, method, path, data)
+    if not headers.get("content-type", "").startswith("application/json"):
+        return status, raw.decode()
     return status, json.loads(raw) if raw else None
 
 

@@ -1,0 +1,145 @@
+"""The rendezvous decision logic as a pure function: observed state -> next action.
+
+One JSON document per job (``RoundState``) is the only shared state; it is changed only
+by compare-and-set on the store's modify index (the fencing token), so two agents acting
+on the same observation cannot both win. Liveness comes from membership keys bound to each
+agent's session or lease: ``alive`` is the set of agents whose key still exists.
+
+A round is *open* while agents join. Once ``min_nodes`` have joined the last call starts;
+the round *closes* (ranks assigned) when ``max_nodes`` have joined or the last call ends.
+While a round is closed, newcomers add themselves to ``waiting``; members see that and
+reopen the next round at their next safe point (``reopen``). A member that disappears
+makes the next observer reopen at once. Ranks are contiguous ``0..N-1`` and survivors keep
+their previous rank when it is still below N, so rank 0 stays rank 0 unless it left.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+OPEN, CLOSED = "open", "closed"
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    min_nodes: int
+    max_nodes: int
+    last_call: float = 5.0  # seconds between reaching min_nodes and closing the round
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_nodes <= self.max_nodes:
+            raise ValueError(f"need 1 <= min <= max nodes, got {self.min_nodes}:{self.max_nodes}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundState:
+    round: int = 0
+    phase: str = OPEN
+    joined: tuple[str, ...] = ()  # open: agents in this round, in join order
+    ranks: tuple[tuple[str, int], ...] = ()  # closed: this round's ranks; open: the previous round's
+    deadline: float | None = None  # open: when the last call ends
+    waiting: tuple[str, ...] = ()  # closed: agents that want to join the next round
+
+    @property
+    def rank_of(self) -> dict[str, int]:
+        return dict(self.ranks)
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | None) -> RoundState:
+        if not raw:
+            return cls()
+        d: dict[str, Any] = json.loads(raw)
+        return cls(round=d["round"], phase=d["phase"], joined=tuple(d["joined"]),
+                   ranks=tuple((n, r) for n, r in d["ranks"]), deadline=d["deadline"],
+                   waiting=tuple(d["waiting"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Write:
+    """Compare-and-set the state document to ``state`` (then observe again)."""
+
+    state: RoundState
+
+
+@dataclasses.dataclass(frozen=True)
+class Wait:
+    """Nothing to do until the state or membership changes, or until ``until`` (if set)."""
+
+    until: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """This agent is ``rank`` of ``world`` in closed ``round``; ``join_pending`` asks for a safe point."""
+
+    round: int
+    rank: int
+    world: int
+    join_pending: bool = False
+
+
+Action = Write | Wait | Run
+
+
+def decide(state: RoundState, me: str, alive: frozenset[str], now: float, limits: Limits) -> Action:
+    """The next action of agent ``me`` given the observed document and live agents."""
+    if state.phase == CLOSED:
+        return _closed(state, me, alive, limits)
+    return _open(state, me, alive, now, limits)
+
+
+def _closed(state: RoundState, me: str, alive: frozenset[str], limits: Limits) -> Action:
+    ranks = state.rank_of
+    if any(node not in alive for node in ranks):
+        return Write(reopen(state))
+    waiting = tuple(n for n in state.waiting if n in alive and n not in ranks)
+    if me in ranks:
+        if waiting != state.waiting:
+            return Write(dataclasses.replace(state, waiting=waiting))
+        room = len(ranks) < limits.max_nodes
+        return Run(state.round, ranks[me], len(ranks), join_pending=bool(waiting) and room)
+    if me not in waiting:
+        return Write(dataclasses.replace(state, waiting=waiting + (me,)))
+    return Wait()
+
+
+def _open(state: RoundState, me: str, alive: frozenset[str], now: float, limits: Limits) -> Action:
+    joined = tuple(n for n in state.joined if n in alive)
+    if joined != state.joined:
+        deadline = state.deadline if len(joined) >= limits.min_nodes else None
+        return Write(dataclasses.replace(state, joined=joined, deadline=deadline))
+    if me not in joined:
+        if len(joined) >= limits.max_nodes:
+            return Wait()  # full: this agent joins the next round
+        return Write(dataclasses.replace(state, joined=joined + (me,)))
+    if len(joined) >= limits.max_nodes or (state.deadline is not None and now >= state.deadline):
+        return Write(close(state))
+    if len(joined) >= limits.min_nodes:
+        if state.deadline is None:
+            return Write(dataclasses.replace(state, deadline=now + limits.last_call))
+        return Wait(until=state.deadline)
+    return Wait()
+
+
+def close(state: RoundState) -> RoundState:
+    """Freeze an open round: contiguous ranks, survivors keeping theirs where they still fit."""
+    n = len(state.joined)
+    previous = state.rank_of
+    kept = {node: previous[node] for node in state.joined if node in previous and previous[node] < n}
+    free = iter(sorted(set(range(n)) - set(kept.values())))
+    ranks = {node: kept[node] if node in kept else next(free) for node in state.joined}
+    return RoundState(round=state.round, phase=CLOSED, joined=(),
+                      ranks=tuple(sorted(ranks.items(), key=lambda kv: kv[1])), deadline=None, waiting=())
+
+
+def reopen(state: RoundState) -> RoundState:
+    """Start the next round (a member left, or a waiting agent is let in at a safe point).
+
+    Everyone joins again; the closed round's ranks are kept as the preference for the next.
+    """
+    return RoundState(round=state.round + 1, phase=OPEN, joined=(), ranks=state.ranks, deadline=None, waiting=())
