@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import keyword
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from .adapter import AdapterRegistry
 from .arrays import CODECS, Codecs
 from .config import Config
+from .control import ControlFile
 from .errors import CheckpointError, ConfigError, CorruptCheckpointError
 from .persist import Persister
 from .restore import Restored, restore_from
@@ -50,6 +52,8 @@ class Session:
         self.skipped = 0
         self.state = State(self)
         self._internal = dict(internal or {})
+        control = os.environ.get("LATTICE_CONTROL")
+        self._control = ControlFile.open(control) if control else None
 
     # -- registration and restore -------------------------------------------------
     def register(self, objects: dict[str, Any]) -> State:
@@ -118,14 +122,25 @@ class Session:
 
     # -- steps and checkpoints ----------------------------------------------------
     def step_done(self) -> None:
-        """Count one training step and checkpoint if the policy says so."""
+        """Count one training step and checkpoint if the policy says so (or the agent asks)."""
         self.step += 1
+        if self._control is not None:
+            self._control.report(self.step)
+            if self._control.stop_requested(self.step):
+                self._planned_stop()
         cfg = self.config
         due = bool(cfg.every_steps) and self.step % cfg.every_steps == 0
         if not due and cfg.every_seconds is not None:
             due = time.monotonic() - self._last_time >= cfg.every_seconds
         if due:
             self.checkpoint(policy=True)
+
+    def _planned_stop(self) -> None:
+        """The agent asked for a stop: checkpoint this completed step, wait for the commit, exit 0."""
+        log.info("stop requested by the agent: checkpointing step %d before exiting", self.step)
+        self.checkpoint()
+        self.wait()
+        raise SystemExit(0)
 
     def busy(self) -> bool:
         return self._inflight is not None and not self._inflight.done()

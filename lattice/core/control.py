@@ -1,0 +1,64 @@
+"""The control channel between an agent and one worker: a 64-byte shared file mapped by both.
+
+The worker writes its step count there at every ``lattice.step()`` (a memory store, no
+system call) and reads the agent's stop request; the agent reads the step and writes the
+request. Layout (little-endian int64): [0] worker step, [1] stop requested (0/1),
+[2] stop at step (0 = the next step), [3] worker pid.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from pathlib import Path
+
+SIZE = 64
+_STEP, _STOP, _AT, _PID = 0, 8, 16, 24
+
+
+class ControlFile:
+    """One side of the control channel (agent or worker)."""
+
+    def __init__(self, path: Path, mm: mmap.mmap):
+        self.path, self._mm = path, mm
+
+    @classmethod
+    def create(cls, path: Path) -> ControlFile:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(b"\0" * SIZE)
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> ControlFile:
+        with open(path, "r+b") as f:
+            mm = mmap.mmap(f.fileno(), SIZE)
+        return cls(Path(path), mm)
+
+    def _get(self, off: int) -> int:
+        return struct.unpack_from("<q", self._mm, off)[0]
+
+    def _set(self, off: int, value: int) -> None:
+        struct.pack_into("<q", self._mm, off, value)
+
+    @property
+    def step(self) -> int:
+        return self._get(_STEP)
+
+    def report(self, step: int) -> None:
+        self._set(_STEP, step)
+
+    def request_stop(self, at_step: int = 0) -> None:
+        self._set(_AT, at_step)
+        self._set(_STOP, 1)
+
+    def stop_requested(self, step: int) -> bool:
+        """True if the agent asked for a stop that is due at ``step``."""
+        return self._get(_STOP) == 1 and step >= self._get(_AT)
+
+    def close(self) -> None:
+        try:
+            self._mm.close()
+        except (BufferError, ValueError):
+            pass
