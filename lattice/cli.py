@@ -1,4 +1,4 @@
-"""The ``lattice`` command: ``ckpt ls|inspect|verify`` and ``demo`` (more subcommands join as they land)."""
+"""The ``lattice`` command: ``run``, ``agent``, ``rendezvous serve``, ``ckpt ls|inspect|verify``, ``demo``."""
 
 from __future__ import annotations
 
@@ -108,6 +108,15 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=6)
     demo.add_argument("--seed", type=int, default=None, help="seed for the kill point")
     demo.set_defaults(fn=cmd_demo)
+    from .runtime.agent.cli import add_cli as add_agent_cli
+
+    add_agent_cli(sub)
+    try:
+        from .runtime.rendezvous.cli import add_cli as add_rdzv_cli
+    except ImportError:  # pragma: no cover - during development of the rendezvous CLI
+        pass
+    else:
+        add_rdzv_cli(sub)
     return p
 
 

@@ -1,0 +1,86 @@
+"""``lattice run`` and ``lattice agent``: torchrun-compatible flags for the elastic agent."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ...core.errors import ConfigError
+from .config import AgentConfig, parse_nnodes
+
+BACKENDS = ("embedded", "consul", "etcd")
+
+
+def _add_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nnodes", default="1", help="N or MIN:MAX agents (nodes) in the job (default 1)")
+    p.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1, help="workers per agent")
+    p.add_argument("--max-restarts", "--max_restarts", type=int, default=3,
+                   help="worker failures the whole job may restart from (shared by all agents)")
+    p.add_argument("--rdzv-backend", "--rdzv_backend", default="embedded", help=f"one of {', '.join(BACKENDS)}")
+    p.add_argument("--rdzv-endpoint", "--rdzv_endpoint", default=None, help="HOST:PORT of the KV store")
+    p.add_argument("--rdzv-id", "--rdzv_id", default="default", help="the job's name in the KV store")
+    p.add_argument("--checkpoint-dir", default=None, help="default: $LATTICE_CHECKPOINT_DIR or ./checkpoints")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--node-addr", default="127.0.0.1", help="address peers use to reach this node's rank 0")
+    p.add_argument("--last-call", type=float, default=2.0, help="seconds a round waits for more nodes after MIN")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds workers get to checkpoint and exit on a planned stop")
+    p.add_argument("--ttl", type=float, default=10.0, help="rendezvous session TTL in seconds")
+    p.add_argument("-m", dest="module", action="store_true", help="run the script argument as a module (python -m)")
+    p.add_argument("--no-python", action="store_true", help="run the script directly, not with the Python interpreter")
+    p.add_argument("script", help="the training script (or module with -m)")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+
+
+def config_from_args(args: argparse.Namespace, require_endpoint: bool = False) -> AgentConfig:
+    import os
+
+    if args.rdzv_backend not in BACKENDS:
+        raise ConfigError(f"--rdzv-backend {args.rdzv_backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+    if args.rdzv_backend != "embedded" and not args.rdzv_endpoint:
+        raise ConfigError(f"--rdzv-backend {args.rdzv_backend} needs --rdzv-endpoint HOST:PORT")
+    if require_endpoint and not args.rdzv_endpoint:
+        raise ConfigError("lattice agent needs --rdzv-endpoint HOST:PORT (start one with `lattice rendezvous serve`)")
+    lo, hi = parse_nnodes(args.nnodes)
+    if args.module:
+        command = [sys.executable, "-u", "-m", args.script, *args.args]
+    elif args.no_python:
+        command = [args.script, *args.args]
+    else:
+        command = [sys.executable, "-u", args.script, *args.args]
+    ckpt = args.checkpoint_dir or os.environ.get("LATTICE_CHECKPOINT_DIR", "checkpoints")
+    return AgentConfig(command=command, min_nodes=lo, max_nodes=hi, nproc_per_node=args.nproc_per_node,
+                       max_restarts=args.max_restarts, backend=args.rdzv_backend, endpoint=args.rdzv_endpoint,
+                       job=args.rdzv_id, checkpoint_dir=os.path.abspath(ckpt), metrics_port=args.metrics_port,
+                       addr=args.node_addr, last_call=args.last_call, grace=args.grace, ttl=args.ttl)
+
+
+def _check_reachable(cfg: AgentConfig) -> None:
+    from ..kv.api import KVUnavailable
+    from ..kv.registry import create_backend
+
+    if cfg.endpoint is None:
+        return
+    try:
+        store = create_backend(cfg.backend, url=cfg.endpoint_url())
+        store.get(f"lattice/{cfg.job}/state")
+        store.close()
+    except KVUnavailable as exc:
+        raise ConfigError(f"--rdzv-endpoint {cfg.endpoint}: cannot reach the {cfg.backend} store ({exc})") from None
+
+
+def cmd_run(args: argparse.Namespace, require_endpoint: bool = False) -> int:
+    from .agent import main
+
+    cfg = config_from_args(args, require_endpoint)
+    _check_reachable(cfg)
+    return main(cfg)
+
+
+def add_cli(sub: Any) -> None:
+    run = sub.add_parser("run", help="run a training script under the elastic agent (torchrun-compatible)")
+    _add_flags(run)
+    run.set_defaults(fn=cmd_run)
+    agent = sub.add_parser("agent", help="one node's agent of a multi-node job (needs --rdzv-endpoint)")
+    _add_flags(agent)
+    agent.set_defaults(fn=lambda a: cmd_run(a, require_endpoint=True))
