@@ -3,7 +3,8 @@
 The worker writes its step count there at every ``lattice.step()`` (a memory store, no
 system call) and reads the agent's stop request; the agent reads the step and writes the
 request. Layout (little-endian int64): [0] worker step, [1] stop requested (0/1),
-[2] stop at step (0 = the next step), [3] worker pid.
+[2] stop at step (0 = the next step), [3] worker pid, [4] last committed step (-1 none),
+[5] last snapshot stall in microseconds, [6] last persist duration in microseconds.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import struct
 from pathlib import Path
 
 SIZE = 64
-_STEP, _STOP, _AT, _PID = 0, 8, 16, 24
+_STEP, _STOP, _AT, _PID, _COMMITTED, _STALL, _PERSIST = 0, 8, 16, 24, 32, 40, 48
 
 
 class ControlFile:
@@ -56,6 +57,17 @@ class ControlFile:
     def stop_requested(self, step: int) -> bool:
         """True if the agent asked for a stop that is due at ``step``."""
         return self._get(_STOP) == 1 and step >= self._get(_AT)
+
+    def report_checkpoint(self, committed: int, stall_s: float, persist_s: float) -> None:
+        self._set(_STALL, int(stall_s * 1e6))
+        self._set(_PERSIST, int(persist_s * 1e6))
+        self._set(_COMMITTED, committed + 1)
+
+    @property
+    def checkpoint(self) -> tuple[int | None, float, float]:
+        """(last committed step or None, snapshot stall s, persist s) as the worker reported them."""
+        committed = self._get(_COMMITTED)
+        return (committed - 1 if committed else None), self._get(_STALL) / 1e6, self._get(_PERSIST) / 1e6
 
     def close(self) -> None:
         try:

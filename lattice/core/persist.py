@@ -8,11 +8,15 @@ temporary directory, which is then renamed to its final name (the commit) and th
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import logging
 import os
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import crc32c
 
@@ -32,24 +36,89 @@ def _crc_all(parts: list[memoryview]) -> int:
     return crc
 
 
+def _libc_sync_file_range() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _libc_sync_file_range()
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
+
+
+class _Writeback:
+    """Send each written chunk to the disk at once, with at most two chunks in flight.
+
+    Without this the whole file sits dirty in the page cache until ``fsync`` writes it in
+    one go, which measured 2-4x slower (and far noisier) for 1 GiB on a virtual disk. This
+    is a hint only: ``fsync`` alone still makes the file durable. A chunk already on disk is
+    dropped from the page cache (the writer never reads a checkpoint back), which keeps a
+    checkpoint from pushing the training job's own cached files out.
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.prev: tuple[int, int] | None = None
+
+    def wrote(self, begin: int, end: int) -> None:
+        if _sync_file_range is None or end <= begin:
+            return
+        _sync_file_range(self.fd, begin, end - begin, _SFR_WRITE)  # errors ignored: a hint
+        if self.prev is not None:
+            b, e = self.prev
+            _sync_file_range(self.fd, b, e - b, _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
+            try:
+                os.posix_fadvise(self.fd, b, e - b, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+        self.prev = (begin, end)
+
+
 def write_file(path: Path, parts: list[memoryview]) -> dict[str, int]:
-    """Write ``parts`` to ``path`` and fsync it; the crc32c runs in a second thread meanwhile."""
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lattice-crc") as pool:
-        crc = pool.submit(_crc_all, parts)
-        size = 0
+    """Write ``parts`` to ``path`` and fsync it; the crc32c runs in a second thread meanwhile.
+
+    A plain thread, not a ``concurrent.futures`` pool: pools refuse new work once the
+    interpreter starts shutting down, which would fail a checkpoint still persisting when
+    the program ends (``lattice.close`` waits for it at exit).
+    """
+    crc: dict[str, Any] = {}
+
+    def checksum() -> None:
+        try:
+            crc["value"] = _crc_all(parts)
+        except BaseException as exc:  # re-raised below, in the persist thread
+            crc["error"] = exc
+
+    worker = threading.Thread(target=checksum, name="lattice-crc", daemon=True)
+    worker.start()
+    size = 0
+    try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
+            writeback = _Writeback(fd)
             for part in parts:
                 for i in range(0, len(part), CHUNK):
                     chunk = part[i:i + CHUNK]
+                    begin = size
                     while chunk:
                         n = os.write(fd, chunk)
                         chunk = chunk[n:]
                         size += n
+                    writeback.wrote(begin, size)
             os.fsync(fd)
         finally:
             os.close(fd)
-        return {"size": size, "crc32c": crc.result()}
+    finally:
+        worker.join()
+    if "error" in crc:
+        raise crc["error"]
+    return {"size": size, "crc32c": crc["value"]}
 
 
 class Persister:
@@ -59,6 +128,7 @@ class Persister:
         self.storage, self.keep = storage, keep
         self.last_committed: int | None = None
         self.last_persist_s: float | None = None
+        self.on_commit: Callable[[int, float, float], None] | None = None  # (step, stall s, persist s)
 
     def submit(self, snap: Snapshot) -> concurrent.futures.Future[Path]:
         future: concurrent.futures.Future[Path] = concurrent.futures.Future()
@@ -88,6 +158,8 @@ class Persister:
         self.storage.set_latest(snap.step)
         self.last_committed = snap.step
         self.last_persist_s = time.perf_counter() - t0
+        if self.on_commit is not None:
+            self.on_commit(snap.step, snap.blocking_s, self.last_persist_s)
         deleted = self.storage.retain(self.keep, newest=snap.step)
         log.info("checkpoint step %d committed to %s (%.1f MB, blocked %.3fs, persisted in %.3fs)%s",
                  snap.step, final, snap.layout.file_size / 1e6, snap.blocking_s, self.last_persist_s,

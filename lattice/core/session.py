@@ -54,6 +54,8 @@ class Session:
         self._internal = dict(internal or {})
         control = os.environ.get("LATTICE_CONTROL")
         self._control = ControlFile.open(control) if control else None
+        if self._control is not None:
+            self._persister.on_commit = self._control.report_checkpoint
 
     # -- registration and restore -------------------------------------------------
     def register(self, objects: dict[str, Any]) -> State:

@@ -48,6 +48,10 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig, store: KVStore | None = None, metrics: Any = None):
         self.cfg, self._store, self.metrics = cfg, store, metrics
+        if metrics is None and cfg.metrics_port is not None:
+            from .metrics import Metrics
+
+            self.metrics = Metrics(cfg.job, cfg.node, cfg.metrics_port)
         self._stop = threading.Event()
         self._events: queue.Queue[Any] = queue.Queue()
         self.restarts = 0
@@ -88,6 +92,8 @@ class Agent:
             return self._loop(handler)
         finally:
             handler.leave()
+            if self.metrics is not None:
+                self.metrics.close()
 
     def _loop(self, handler: Any) -> int:
         while True:
@@ -129,6 +135,7 @@ class Agent:
                     return DONE, codes
                 if self._stop.is_set():
                     return STOP, None
+                self._report_checkpoints(group)
                 try:
                     return self._events.get(timeout=0.1)
                 except queue.Empty:
@@ -241,6 +248,10 @@ class Agent:
     def _gauge(self, name: str, value: float) -> None:
         if self.metrics is not None:
             self.metrics.set(name, value)
+
+    def _report_checkpoints(self, group: WorkerGroup) -> None:
+        if self.metrics is not None and group.workers:
+            self.metrics.checkpoint(*group.workers[0].control.checkpoint)
 
     def _count_exits(self, group: WorkerGroup, cause: str) -> None:
         if self.metrics is not None:
