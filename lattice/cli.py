@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from .core import inspect
+from .core import fmt, inspect
 from .core.errors import CorruptCheckpointError, LatticeError
 
 
@@ -65,10 +65,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     lst = inspect.listing(args.dir)
     targets = [(s, p) for s, p in lst.committed if args.step is None or s == args.step]
-    if not targets:
+    # a directory under a final step name is only ever made by renaming a finished one, so
+    # one without a manifest lost it: damaged (restore skips it, as never committed)
+    unfinished = [(step, name) for name in lst.other if (step := fmt.parse_step_dirname(name)) is not None
+                  and (args.step is None or step == args.step)]
+    if not targets and not unfinished:
         print(f"no committed checkpoint{'' if args.step is None else f' of step {args.step}'} in {args.dir}")
         return 2
     bad = 0
+    for step, name in unfinished:
+        bad += 1
+        print(f"step {step}: DAMAGED: {args.dir}/{name}/{fmt.MANIFEST} is missing (never committed, or lost)")
     for step, path in targets:
         try:
             inspect.verify(path)
@@ -76,7 +83,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         except CorruptCheckpointError as exc:
             bad += 1
             print(f"step {step}: DAMAGED: {exc}")
-    print(f"{len(targets) - bad} ok, {bad} damaged")
+    print(f"{len(targets) + len(unfinished) - bad} ok, {bad} damaged")
     return 1 if bad else 0
 
 

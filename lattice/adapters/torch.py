@@ -58,7 +58,10 @@ class TorchCodec:
             return None
         if x.numel() == 0:
             return np.empty(0, dtype=np.uint8)
-        return x.detach().view(-1).view(torch.uint8).numpy()
+        # as_strided, not view(-1): a contiguous tensor may still have a non-unit stride on a
+        # size-1 dimension (e.g. ``t[::2]`` of two elements), which view(torch.uint8) refuses
+        flat = x.detach().as_strided((x.numel(),), (1,), x.storage_offset())
+        return flat.view(torch.uint8).numpy()
 
     def empty(self, dtype: str, shape: tuple[int, ...]) -> Any:
         return torch.empty(shape, dtype=_BY_NAME[dtype])

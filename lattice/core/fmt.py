@@ -7,9 +7,11 @@ A checkpoint is a directory ``step-<step:010d>/`` holding:
   aligned to its own item size; dtypes safetensors lacks are stored as ``U8`` bytes.
 - ``tree.json``: per item, the adapter name and the JSON skeleton of its state
   (see ``lattice.core.tree``), whose array nodes name tensors of the data file.
-- ``manifest.json``: written last: format, version, step, wall time, and each file's
-  size and crc32c. A directory is a committed checkpoint only under its final name
-  (renamed atomically from a temporary name) and with a manifest.
+- ``manifest.json``: written last: format, version, step, wall time, each file's
+  size and crc32c, and, as its last field, its own crc32c (``manifest_crc32c``, over the
+  file's bytes before that field, closed with ``\n}``). A directory is a committed
+  checkpoint only under its final name (renamed atomically from a temporary name) and
+  with a manifest.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import dataclasses
 import json
 import struct
 from typing import Any
+
+import crc32c
 
 from .arrays import DTYPES, nbytes
 from .tree import Leaf, path_str
@@ -28,6 +32,8 @@ DATA = "data.safetensors"
 TREE = "tree.json"
 MANIFEST = "manifest.json"
 LATEST = "latest"
+MANIFEST_CRC = "manifest_crc32c"  # the manifest's checksum of itself
+_CRC_MARK = b',\n "' + MANIFEST_CRC.encode() + b'": '
 STEP_PREFIX = "step-"
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors limit
 
@@ -113,7 +119,18 @@ def manifest(step: int, wall_time: float, files: dict[str, dict[str, int]], item
     doc = {"format": FORMAT, "version": VERSION, "step": step, "wall_time": wall_time,
            "files": files, "items": {k: {"adapter": v} for k, v in items.items()}}
     doc.update(extra or {})
-    return json.dumps(doc, indent=1, sort_keys=True).encode()
+    body = json.dumps(doc, indent=1, sort_keys=True).encode()
+    # its own checksum goes last, over the exact bytes before it (closed with "\n}")
+    return body[:-2] + _CRC_MARK + str(crc32c.crc32c(body)).encode() + b"\n}"
+
+
+def _check_manifest_crc(raw: bytes, doc: dict[str, Any]) -> None:
+    at = raw.rfind(_CRC_MARK)
+    crc = doc.get(MANIFEST_CRC)
+    if at < 0 or type(crc) is not int or raw[at:] != _CRC_MARK + str(crc).encode() + b"\n}":
+        raise ValueError(f"the manifest's own checksum ({MANIFEST_CRC}, last) is missing or malformed")
+    if crc32c.crc32c(raw[:at] + b"\n}") != crc:
+        raise ValueError("the manifest's own crc32c does not match (the file is corrupt)")
 
 
 def parse_manifest(raw: bytes) -> dict[str, Any]:
@@ -122,6 +139,9 @@ def parse_manifest(raw: bytes) -> dict[str, Any]:
         raise ValueError(f"not a {FORMAT} manifest")
     if not isinstance(doc.get("version"), int) or doc["version"] > VERSION:
         raise ValueError(f"manifest version {doc.get('version')!r} is newer than this Lattice reads ({VERSION}); upgrade lattice")
+    # the manifest checksums the other files; its own checksum catches damage to it that
+    # still parses (a flipped digit in the step, a size or a checksum)
+    _check_manifest_crc(raw, doc)
     for key, kind in (("step", int), ("files", dict), ("items", dict)):
         if not isinstance(doc.get(key), kind):
             raise ValueError(f"manifest field {key!r} missing or not a {kind.__name__}")

@@ -106,8 +106,11 @@ class _Plan:
         info = self.header.get(tensor)
         if not isinstance(info, dict) or dtype not in DTYPES:
             raise CorruptCheckpointError(str(self.path), fmt.DATA, f"has no valid entry for tensor {tensor!r}")
-        begin, end = info.get("data_offsets", (0, -1))
-        if end - begin != nbytes(dtype, shape):
+        offsets = info.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise CorruptCheckpointError(str(self.path), fmt.DATA, f"has no valid data_offsets for tensor {tensor!r}")
+        begin, end = offsets
+        if begin < 0 or end - begin != nbytes(dtype, shape):
             raise CorruptCheckpointError(str(self.path), fmt.DATA, f"tensor {tensor!r} has the wrong size")
         return begin, end
 

@@ -3,7 +3,8 @@
 Every container is tagged so decoding is unambiguous and nothing needs pickle:
 lists are JSON arrays; dicts are ``{"$dict": [[key, value], ...]}`` (keys may be ints,
 as in optimizer state); tuples ``{"$tuple": [...]}``; bytes ``{"$bytes": base64}``;
-non-finite floats ``{"$float": "nan"}``; arrays ``{"$array": index, ...}`` pointing into
+non-finite floats ``{"$float": "inf"}`` (a NaN also records its exact bits,
+``{"$float": "nan", "bits": "<16 hex digits>"}``); arrays ``{"$array": index, ...}`` pointing into
 the leaf list. Anything else is refused with the path of the offending value.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import math
+import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -47,8 +49,12 @@ def encode(tree: Any, codecs: Codecs = CODECS, item: str = "") -> tuple[Any, lis
             return x
         if isinstance(x, int):
             return int(x)
-        if isinstance(x, float):
-            return float(x) if math.isfinite(x) else {"$float": repr(float(x))}
+        if isinstance(x, float) and not isinstance(x, np.generic):  # np.float64 is a float: keep its type
+            if math.isfinite(x):
+                return float(x)
+            if math.isnan(x):  # keep the sign and payload of a NaN: its exact bits
+                return {"$float": "nan", "bits": struct.pack(">d", x).hex()}
+            return {"$float": repr(float(x))}
         if isinstance(x, list):
             return [enc(v, path + (i,)) for i, v in enumerate(x)]
         if isinstance(x, tuple) and not hasattr(x, "_fields"):
@@ -112,6 +118,8 @@ def decode(skeleton: Any, array: Callable[[dict], Any]) -> Any:
     if "$bytes" in skeleton:
         return base64.b64decode(skeleton["$bytes"])
     if "$float" in skeleton:
+        if "bits" in skeleton:
+            return struct.unpack(">d", bytes.fromhex(skeleton["bits"]))[0]
         return float(skeleton["$float"])
     raise ValueError(f"unknown node in checkpoint tree: {sorted(skeleton)}")
 
