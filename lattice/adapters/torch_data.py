@@ -73,9 +73,31 @@ class _IndexSampler:
         _set_rng(self.loader, resume["sampler_rng"])
         it = iter(self.inner)
         first = list(itertools.islice(it, 1))  # starts the sampler: its seed draw happens now
+        replay = _rng(self.loader)
         _set_rng(self.loader, current)
         pos.sampler_rng = resume["sampler_rng"]
-        yield from itertools.islice(itertools.chain(first, it), resume["batches"], None)
+        rest = it if self.loader.generator is None else self._on_replayed_generator(it, replay["gen"])
+        yield from itertools.islice(itertools.chain(first, rest), resume["batches"], None)
+
+    def _on_replayed_generator(self, it: Any, state: Any) -> Any:
+        """The rest of a replayed epoch whose sampler draws from the loader's ``generator``.
+
+        Such a sampler may draw again later in the epoch (``RandomSampler`` does when it runs
+        out, and workers make it run ahead of the batches handed out): those draws continue the
+        replayed timeline, and once the sampler is done the generator is left where an
+        uninterrupted epoch leaves it.
+        """
+        gen = self.loader.generator
+        while True:
+            live = gen.get_state()
+            gen.set_state(state)
+            try:
+                item = next(it)
+            except StopIteration:
+                return  # the generator stays on the replayed timeline, as after an uninterrupted epoch
+            state = gen.get_state()
+            gen.set_state(live)
+            yield item
 
 
 class _Counting:
@@ -165,10 +187,12 @@ class DataLoaderAdapter(Adapter):
 
     def save(self, obj: Any) -> Any:
         pos: _Position = obj._lattice_position
+        # the loader's own generator is nobody else's to capture (the global RNG is torch.rng's)
+        gen = obj.generator.get_state() if obj.generator is not None else None
         if pos.resume is not None:  # restored but not iterated yet: keep the restored position
-            return dict(pos.resume)
+            return {**pos.resume, "generator": gen}
         return {"epoch": pos.epoch, "batches": pos.batches, "exhausted": pos.exhausted,
-                "base_rng": pos.base_rng, "sampler_rng": pos.sampler_rng}
+                "base_rng": pos.base_rng, "sampler_rng": pos.sampler_rng, "generator": gen}
 
     def load(self, obj: Any, tree: Any) -> Any:
         """Resume inside the saved epoch unless its iterator had run out.
@@ -180,6 +204,8 @@ class DataLoaderAdapter(Adapter):
         pos: _Position = self.attach(obj)._lattice_position
         pos.epoch, pos.batches, pos.exhausted = tree["epoch"], tree["batches"], tree["exhausted"]
         pos.base_rng, pos.sampler_rng = tree["base_rng"], tree["sampler_rng"]
+        if tree.get("generator") is not None and obj.generator is not None:
+            obj.generator.set_state(tree["generator"])  # where an uninterrupted run's would be now
         fresh = tree["base_rng"] is None or tree["sampler_rng"] is None or tree["exhausted"]
         pos.resume = None if fresh else dict(tree)
         return obj

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from kv_support import KVCase, free_port, in_ci
+from rdzv_support import RdzvEnv
 
 from lattice.runtime.kv import KVStore, create_backend
 from lattice.runtime.kv.server import ServerHandle, start_server
@@ -114,3 +115,20 @@ def kv(kv_case: KVCase) -> KVStore:
 def prefix() -> str:
     """A fresh key prefix, so tests sharing one etcd never see each other's keys."""
     return f"t/{uuid.uuid4().hex[:12]}/"
+
+
+@pytest.fixture(params=["embedded", "etcd"])
+def rdzv_env(request: pytest.FixtureRequest) -> Iterator[RdzvEnv]:
+    """A real store for rendezvous tests: an embedded server (1 s TTLs) or the session's etcd (2 s).
+
+    Each test gets its own job name; every store made through ``env.store()`` is closed after it.
+    """
+    if request.param == "embedded":
+        handle = start_server("127.0.0.1", 0, min_session_ttl=0.5)
+        env = RdzvEnv("embedded", "consul", handle.url, 1.0, 2.0, handle)
+    else:
+        env = RdzvEnv("etcd", "etcd", request.getfixturevalue("etcd_url"), 2.0, 2.0)
+    yield env
+    env.close()
+    if env.server is not None:
+        env.server.stop()
