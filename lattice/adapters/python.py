@@ -78,6 +78,7 @@ class PythonRNG:
 
 class PythonRNGAdapter(Adapter):
     name = "python.rng"
+    per_rank = True  # each rank has its own
     priority = 100
 
     def handles(self, obj: Any) -> bool:

@@ -160,6 +160,7 @@ class TorchRNG:
 
 class TorchRNGAdapter(Adapter):
     name = "torch.rng"
+    per_rank = True  # each rank has its own
     priority = 100
 
     def handles(self, obj: Any) -> bool:

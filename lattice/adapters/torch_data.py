@@ -174,6 +174,7 @@ class DataLoaderAdapter(Adapter):
     """``torch.utils.data.DataLoader``: epoch, batches consumed, and the RNG states of the epoch."""
 
     name = "torch.dataloader"
+    per_rank = True  # each rank has its own
     priority = 100
 
     def handles(self, obj: Any) -> bool:

@@ -28,10 +28,13 @@ class Adapter:
     Attributes:
         name: unique, stable name recorded in checkpoints, e.g. ``"torch.module"``.
         priority: higher is asked first (framework adapters 100, generic ones below).
+        per_rank: True if each rank of a multi-process job has its own state of this kind
+            (RNG, data position): written per rank. False (replicated, written once by rank 0).
     """
 
     name: str = ""
     priority: int = 50
+    per_rank: bool = False
 
     def handles(self, obj: Any) -> bool:
         """True if this adapter can save and load ``obj``."""

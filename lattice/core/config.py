@@ -29,6 +29,8 @@ class Config:
             ``"skip"`` (default, logged) or ``"wait"``. ``lattice.checkpoint()`` always waits.
         capture_rng: also checkpoint the global RNG states (Python, numpy, torch).
         restore: restore the newest good checkpoint at ``register`` (set False to start fresh).
+        part_timeout: with several ranks, how long rank 0 waits for every rank's part of a
+            checkpoint before giving that checkpoint up (seconds).
     """
 
     checkpoint_dir: str = "checkpoints"
@@ -38,6 +40,7 @@ class Config:
     on_busy: str = "skip"
     capture_rng: bool = True
     restore: bool = True
+    part_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         _check_int("every_steps", self.every_steps, allow_none=True, minimum=0)
@@ -47,6 +50,8 @@ class Config:
                 raise ConfigError(f"every_seconds must be a number of seconds or None, got {self.every_seconds!r}")
             if not self.every_seconds > 0:
                 raise ConfigError(f"every_seconds must be > 0 (or None to turn it off), got {self.every_seconds!r}")
+        if isinstance(self.part_timeout, bool) or not isinstance(self.part_timeout, int | float) or self.part_timeout <= 0:
+            raise ConfigError(f"part_timeout must be a positive number of seconds, got {self.part_timeout!r}")
         if self.on_busy not in ON_BUSY:
             raise ConfigError(f"on_busy must be one of {ON_BUSY}, got {self.on_busy!r}")
         if not isinstance(self.checkpoint_dir, str | os.PathLike) or not str(self.checkpoint_dir):
@@ -74,6 +79,7 @@ _ENV = {
     "LATTICE_EVERY_SECONDS": ("every_seconds", float),
     "LATTICE_KEEP": ("keep", int),
     "LATTICE_ON_BUSY": ("on_busy", str),
+    "LATTICE_PART_TIMEOUT": ("part_timeout", float),
 }
 
 

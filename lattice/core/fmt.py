@@ -114,10 +114,12 @@ def read_header(raw8: bytes, read: Any) -> tuple[dict[str, Any], int]:
     return header, 8 + n
 
 
-def manifest(step: int, wall_time: float, files: dict[str, dict[str, int]], items: dict[str, str],
+def manifest(step: int, wall_time: float, files: dict[str, dict[str, int]], items: dict[str, Any],
              extra: dict[str, Any] | None = None) -> bytes:
+    """The manifest; ``items`` maps a name to its adapter name or to ``{"adapter", "scope"}``."""
+    items = {k: v if isinstance(v, dict) else {"adapter": v} for k, v in items.items()}
     doc = {"format": FORMAT, "version": VERSION, "step": step, "wall_time": wall_time,
-           "files": files, "items": {k: {"adapter": v} for k, v in items.items()}}
+           "files": files, "items": items}
     doc.update(extra or {})
     body = json.dumps(doc, indent=1, sort_keys=True).encode()
     # its own checksum goes last, over the exact bytes before it (closed with "\n}")

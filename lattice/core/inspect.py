@@ -53,17 +53,25 @@ def find(root: str | os.PathLike[str], step: int | None) -> Path:
 
 
 def describe(path: Path) -> dict[str, Any]:
-    """Manifest, items (with adapters) and tensors (name, dtype, shape, bytes) of one checkpoint."""
+    """Manifest, items (with adapters) and tensors (name, dtype, shape, bytes) of one checkpoint.
+
+    With several ranks, per-rank tensors are listed as ``rank-<r>.safetensors:<name>``.
+    """
     manifest = read_manifest(path)
-    tree = read_tree(path, manifest)
-    with open(path / fmt.DATA, "rb") as f:
-        header, _ = fmt.read_header(f.read(8), f.read)
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    items = {}
-    for name, entry in tree.items():
-        arrays = entry.get("arrays", [])
-        size = sum(tensors[a]["data_offsets"][1] - tensors[a]["data_offsets"][0] for a in arrays if a in tensors)
-        items[name] = {"adapter": entry["adapter"], "tensors": len(arrays), "bytes": size}
+    tensors: dict[str, Any] = {}
+    items: dict[str, Any] = {}
+    for data in sorted(n for n in manifest["files"] if n.endswith(".safetensors")):
+        with open(path / data, "rb") as f:
+            header, _ = fmt.read_header(f.read(8), f.read)
+        prefix = "" if data == fmt.DATA else f"{data}:"
+        part = {k: v for k, v in header.items() if k != "__metadata__"}
+        tensors.update({prefix + k: v for k, v in part.items()})
+        tree_name = fmt.TREE if data == fmt.DATA else data.replace(".safetensors", ".json")
+        for name, entry in read_tree(path, manifest, tree_name).items():
+            arrays = entry.get("arrays", [])
+            size = sum(part[a]["data_offsets"][1] - part[a]["data_offsets"][0] for a in arrays if a in part)
+            key = name if data == fmt.DATA else f"{name} ({data.split('.')[0]})"
+            items[key] = {"adapter": entry["adapter"], "tensors": len(arrays), "bytes": size}
     return {"path": str(path), "manifest": manifest, "items": items, "tensors": tensors}
 
 

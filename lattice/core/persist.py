@@ -11,6 +11,7 @@ import concurrent.futures
 import ctypes
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import Any
 import crc32c
 
 from . import fmt
+from .ranks import shared_tmp, wait_parts, write_part
 from .snapshot import Snapshot
 from .storage import LocalDirectory, write_durable
 
@@ -129,6 +131,7 @@ class Persister:
         self.last_committed: int | None = None
         self.last_persist_s: float | None = None
         self.on_commit: Callable[[int, float, float], None] | None = None  # (step, stall s, persist s)
+        self.part_timeout = 600.0  # rank 0 waits this long for the other ranks' parts
 
     def submit(self, snap: Snapshot) -> concurrent.futures.Future[Path]:
         future: concurrent.futures.Future[Path] = concurrent.futures.Future()
@@ -146,22 +149,46 @@ class Persister:
 
     def persist(self, snap: Snapshot) -> Path:
         t0 = time.perf_counter()
-        tmp = self.storage.new_tmp(snap.step)
-        files = {
-            fmt.DATA: write_file(tmp / fmt.DATA, [memoryview(snap.layout.header), memoryview(snap.data)]),
-            fmt.TREE: write_file(tmp / fmt.TREE, [memoryview(snap.tree)]),
-        }
-        manifest = fmt.manifest(snap.step, snap.wall_time, files, snap.adapters,
-                                {"blocking_seconds": round(snap.blocking_s, 6)})
-        write_durable(tmp / fmt.MANIFEST, manifest)
-        final = self.storage.commit(tmp, snap.step)
-        self.storage.set_latest(snap.step)
+        multi = snap.ranks.world > 1
+        tmp = shared_tmp(self.storage.root, snap.step, snap.ranks) if multi else self.storage.new_tmp(snap.step)
+        try:
+            files = self._write_parts(tmp, snap)
+            if multi:
+                write_part(tmp, snap.ranks.rank, files)
+                if snap.ranks.rank != 0:
+                    self.last_persist_s = time.perf_counter() - t0
+                    return tmp  # rank 0 commits once every rank's part is in
+                files = wait_parts(tmp, snap.ranks.world, self.part_timeout)
+            final = self._commit(tmp, snap, files)
+        except BaseException:
+            if not multi:
+                shutil.rmtree(tmp, ignore_errors=True)  # nothing of it was committed
+            raise
         self.last_committed = snap.step
         self.last_persist_s = time.perf_counter() - t0
         if self.on_commit is not None:
             self.on_commit(snap.step, snap.blocking_s, self.last_persist_s)
         deleted = self.storage.retain(self.keep, newest=snap.step)
         log.info("checkpoint step %d committed to %s (%.1f MB, blocked %.3fs, persisted in %.3fs)%s",
-                 snap.step, final, snap.layout.file_size / 1e6, snap.blocking_s, self.last_persist_s,
+                 snap.step, final, snap.nbytes / 1e6, snap.blocking_s, self.last_persist_s,
                  f"; deleted old step(s) {deleted}" if deleted else "")
+        return final
+
+    def _write_parts(self, tmp: Path, snap: Snapshot) -> dict[str, dict[str, int]]:
+        files = {}
+        for part in snap.parts:
+            files[part.data_name] = write_file(tmp / part.data_name,
+                                               [memoryview(part.layout.header), memoryview(part.data)])
+            files[part.tree_name] = write_file(tmp / part.tree_name, [memoryview(part.tree)])
+        return files
+
+    def _commit(self, tmp: Path, snap: Snapshot, files: dict[str, dict[str, int]]) -> Path:
+        items = {name: {"adapter": adapter, "scope": "rank" if name in snap.per_rank else "shared"}
+                 for name, adapter in snap.adapters.items()}
+        extra: dict[str, object] = {"blocking_seconds": round(snap.blocking_s, 6)}
+        if snap.ranks.world > 1:
+            extra.update(world_size=snap.ranks.world, ranks=list(range(snap.ranks.world)))
+        write_durable(tmp / fmt.MANIFEST, fmt.manifest(snap.step, snap.wall_time, files, items, extra))
+        final = self.storage.commit(tmp, snap.step)
+        self.storage.set_latest(snap.step)
         return final

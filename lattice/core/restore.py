@@ -23,6 +23,7 @@ from . import fmt
 from .arrays import CODECS, DTYPES, Codecs, nbytes
 from .errors import CorruptCheckpointError, StateMismatchError
 from .progress import Progress
+from .ranks import Ranks, Source, sources
 from .snapshot import Item
 from .tree import array_nodes, decode, live_arrays, path_str
 
@@ -63,15 +64,17 @@ def check_sizes(path: Path, manifest: dict[str, Any]) -> None:
             raise CorruptCheckpointError(str(path), name, f"is {what}: {size} bytes, manifest says {info['size']}")
 
 
-def read_tree(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    raw = (path / fmt.TREE).read_bytes()
-    if crc32c.crc32c(raw) != manifest["files"][fmt.TREE]["crc32c"]:
-        raise CorruptCheckpointError(str(path), fmt.TREE, "crc32c mismatch (the file is corrupt)")
+def read_tree(path: Path, manifest: dict[str, Any], name: str = fmt.TREE) -> dict[str, Any]:
+    if name not in manifest["files"]:
+        raise CorruptCheckpointError(str(path), name, "is not listed in the manifest")
+    raw = (path / name).read_bytes()
+    if crc32c.crc32c(raw) != manifest["files"][name]["crc32c"]:
+        raise CorruptCheckpointError(str(path), name, "crc32c mismatch (the file is corrupt)")
     try:
         doc = json.loads(raw)
         return doc["items"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptCheckpointError(str(path), fmt.TREE, f"is not valid: {exc}") from None
+        raise CorruptCheckpointError(str(path), name, f"is not valid: {exc}") from None
 
 
 @dataclasses.dataclass
@@ -84,8 +87,8 @@ class _Read:
 class _Plan:
     """Where every array of the wanted items goes, checked against the file's header."""
 
-    def __init__(self, path: Path, header: dict[str, Any], codecs: Codecs):
-        self.path, self.header, self.codecs = path, header, codecs
+    def __init__(self, path: Path, header: dict[str, Any], codecs: Codecs, data: str = fmt.DATA):
+        self.path, self.header, self.codecs, self.data = path, header, codecs, data
         self.reads: list[_Read] = []
         self.values: dict[str, list[Any]] = {}
 
@@ -105,13 +108,13 @@ class _Plan:
     def _locate(self, tensor: str, dtype: str, shape: tuple[int, ...]) -> tuple[int, int]:
         info = self.header.get(tensor)
         if not isinstance(info, dict) or dtype not in DTYPES:
-            raise CorruptCheckpointError(str(self.path), fmt.DATA, f"has no valid entry for tensor {tensor!r}")
+            raise CorruptCheckpointError(str(self.path), self.data, f"has no valid entry for tensor {tensor!r}")
         offsets = info.get("data_offsets")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-            raise CorruptCheckpointError(str(self.path), fmt.DATA, f"has no valid data_offsets for tensor {tensor!r}")
+            raise CorruptCheckpointError(str(self.path), self.data, f"has no valid data_offsets for tensor {tensor!r}")
         begin, end = offsets
         if begin < 0 or end - begin != nbytes(dtype, shape):
-            raise CorruptCheckpointError(str(self.path), fmt.DATA, f"tensor {tensor!r} has the wrong size")
+            raise CorruptCheckpointError(str(self.path), self.data, f"tensor {tensor!r} has the wrong size")
         return begin, end
 
     def _destination(self, item: str, path: tuple, dtype: str, shape: tuple[int, ...],
@@ -146,16 +149,18 @@ def _resolve(value: Any) -> Any:
     return value.array[()] if isinstance(value, _Scalar) else value
 
 
-def read_data(path: Path, manifest: dict[str, Any], plan_for: Any) -> _Plan:
-    """Open the data file, build the plan with ``plan_for(header)``, read and verify every byte."""
-    file = path / fmt.DATA
-    expect = manifest["files"][fmt.DATA]
+def read_data(path: Path, manifest: dict[str, Any], plan_for: Any, name: str = fmt.DATA) -> _Plan:
+    """Open a data file, build the plan with ``plan_for(header)``, read and verify every byte."""
+    if name not in manifest["files"]:
+        raise CorruptCheckpointError(str(path), name, "is not listed in the manifest")
+    file = path / name
+    expect = manifest["files"][name]
     with open(file, "rb", buffering=0) as f:
         raw8 = f.read(8)
         try:
             header, start = fmt.read_header(raw8, f.read)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise CorruptCheckpointError(str(path), fmt.DATA, f"has a bad header: {exc}") from None
+            raise CorruptCheckpointError(str(path), name, f"has a bad header: {exc}") from None
         plan = plan_for(header)
         crc = _Crc(crc32c.crc32c(raw8 + _header_body(f, start)))
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lattice-crc") as pool, \
@@ -163,16 +168,16 @@ def read_data(path: Path, manifest: dict[str, Any], plan_for: Any) -> _Plan:
             progress.update(start)
             pos = start
             for r in sorted(plan.reads, key=lambda r: r.offset):
-                pos = _skip_to(f, pos, start + r.offset, crc, pool, progress, path)
+                pos = _skip_to(f, pos, start + r.offset, crc, pool, progress, path, name)
                 for i in range(0, r.size, CHUNK):
                     view = r.view[i:i + CHUNK]
-                    _read_exact(f, memoryview(view), path)
+                    _read_exact(f, memoryview(view), path, name)
                     pool.submit(crc.add, view)
                     progress.update(len(view))
                 pos += r.size
-            _skip_to(f, pos, expect["size"], crc, pool, progress, path)
+            _skip_to(f, pos, expect["size"], crc, pool, progress, path, name)
     if crc.value != expect["crc32c"]:
-        raise CorruptCheckpointError(str(path), fmt.DATA, "crc32c mismatch (the file is corrupt)")
+        raise CorruptCheckpointError(str(path), name, "crc32c mismatch (the file is corrupt)")
     return plan
 
 
@@ -191,50 +196,82 @@ class _Crc:
         self.value = crc32c.crc32c(data, self.value)
 
 
-def _read_exact(f: Any, view: memoryview, path: Path) -> None:
+def _read_exact(f: Any, view: memoryview, path: Path, name: str) -> None:
     while len(view):
         n = f.readinto(view)
         if not n:
-            raise CorruptCheckpointError(str(path), fmt.DATA, "ends early (truncated)")
+            raise CorruptCheckpointError(str(path), name, "ends early (truncated)")
         view = view[n:]
 
 
-def _skip_to(f: Any, pos: int, target: int, crc: _Crc, pool: Any, progress: Progress, path: Path) -> int:
+def _skip_to(f: Any, pos: int, target: int, crc: _Crc, pool: Any, progress: Progress, path: Path,
+             name: str) -> int:
     """Read (and checksum) the bytes between ``pos`` and ``target`` that no object wants."""
     if target < pos:
-        raise CorruptCheckpointError(str(path), fmt.DATA, "tensors overlap in the data file")
+        raise CorruptCheckpointError(str(path), name, "tensors overlap in the data file")
     while pos < target:
         chunk = bytearray(min(CHUNK, target - pos))
-        _read_exact(f, memoryview(chunk), path)
+        _read_exact(f, memoryview(chunk), path, name)
         pool.submit(crc.add, chunk)
         progress.update(len(chunk))
         pos += len(chunk)
     return pos
 
 
-def restore_from(path: Path, items: dict[str, Item], codecs: Codecs = CODECS) -> Restored:
-    """Verify checkpoint ``path`` and load it into ``items`` (raises CorruptCheckpointError)."""
+def restore_from(path: Path, items: dict[str, Item], codecs: Codecs = CODECS,
+                 ranks: Ranks | None = None) -> Restored:
+    """Verify checkpoint ``path`` and load it into ``items`` (raises CorruptCheckpointError).
+
+    With several ranks, each rank also verifies the other ranks' per-rank files, so every
+    rank reaches the same verdict on every checkpoint and all restore the same step.
+    """
+    ranks = ranks or Ranks()
     manifest = read_manifest(path)
     check_sizes(path, manifest)
-    saved = read_tree(path, manifest)
-    wanted = {name: item for name, item in items.items() if name in saved}
+    per_rank = {n for n, i in items.items() if getattr(i.adapter, "per_rank", False)}
+    plan_sources, others = sources(manifest, list(items), per_rank, ranks)
+    for name in others:
+        verify_file(path, manifest, name)
+    objects: dict[str, Any] = {}
+    for source in plan_sources:
+        objects.update(_restore_source(path, manifest, source, items, codecs))
+    missing = [n for n in items if n not in objects]
+    return Restored(manifest["step"], path, float(manifest.get("wall_time", 0.0)), objects, missing)
+
+
+def _restore_source(path: Path, manifest: dict[str, Any], source: Source, items: dict[str, Item],
+                    codecs: Codecs) -> dict[str, Any]:
+    saved = read_tree(path, manifest, source.tree)
+    wanted = {name: items[name] for name in source.items if name in saved}
     for name, item in wanted.items():
         _check_adapter(name, item, saved[name]["adapter"], path)
 
     def plan_for(header: dict[str, Any]) -> _Plan:
-        plan = _Plan(path, header, codecs)
+        plan = _Plan(path, header, codecs, source.data)
         for name, item in wanted.items():
             plan.add_item(name, saved[name], live_arrays(item.adapter.save(item.obj), codecs))
         return plan
 
-    plan = read_data(path, manifest, plan_for)
+    plan = read_data(path, manifest, plan_for, source.data)
     objects = {}
     for name, item in wanted.items():
         values = plan.values[name]
         tree = decode(saved[name]["tree"], lambda node, v=values: _resolve(v[node["$array"]]))
         objects[name] = item.adapter.load(item.obj, tree)
-    missing = [n for n in items if n not in saved]
-    return Restored(manifest["step"], path, float(manifest.get("wall_time", 0.0)), objects, missing)
+    return objects
+
+
+def verify_file(path: Path, manifest: dict[str, Any], name: str) -> None:
+    """Check one file's crc32c against the manifest (read in chunks, nothing loaded)."""
+    info = manifest["files"].get(name)
+    if info is None:
+        raise CorruptCheckpointError(str(path), name, "is not listed in the manifest")
+    crc = 0
+    with open(path / name, "rb", buffering=0) as f:
+        while chunk := f.read(CHUNK):
+            crc = crc32c.crc32c(chunk, crc)
+    if crc != info["crc32c"]:
+        raise CorruptCheckpointError(str(path), name, "crc32c mismatch (the file is corrupt)")
 
 
 def _check_adapter(name: str, item: Item, recorded: str, path: Path) -> None:

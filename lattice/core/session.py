@@ -20,8 +20,9 @@ from .config import Config
 from .control import ControlFile
 from .errors import CheckpointError, ConfigError, CorruptCheckpointError
 from .persist import Persister
+from .ranks import Ranks, cleanup_old_rounds
 from .restore import Restored, restore_from
-from .snapshot import HostBuffer, Item, take
+from .snapshot import Buffers, Item, take
 from .state import State
 from .storage import LocalDirectory
 
@@ -35,17 +36,21 @@ class Session:
     def __init__(self, config: Config, adapters: AdapterRegistry, codecs: Codecs = CODECS,
                  internal: dict[str, Any] | None = None):
         self.config, self.adapters, self.codecs = config, adapters, codecs
+        self.ranks = Ranks.from_env()
+        self.config = config = self._fit_policy(config)
         self.storage = LocalDirectory(config.checkpoint_dir)
         self.storage.prepare()
-        for path in self.storage.cleanup_leftovers():
-            log.info("removed leftover %s from an interrupted checkpoint", path)
+        if self.ranks.rank == 0:
+            for path in self.storage.cleanup_leftovers() + cleanup_old_rounds(self.storage.root, self.ranks):
+                log.info("removed leftover %s from an interrupted checkpoint", path)
         self.items: dict[str, Item] = {}
         self.step = 0
         self.restored: Restored | None = None
         self._restore_path: Path | None = None
         self._restore_checked = False
-        self._buffer = HostBuffer()
+        self._buffers = Buffers()
         self._persister = Persister(self.storage, config.keep)
+        self._persister.part_timeout = config.part_timeout
         self._inflight: concurrent.futures.Future[Path] | None = None
         self._inflight_step = -1
         self._last_time = time.monotonic()
@@ -73,6 +78,19 @@ class Session:
             self._restore(new)
         return self.state
 
+    def _fit_policy(self, config: Config) -> Config:
+        """With several ranks every rank must checkpoint the same steps: no time-based or skipped ones."""
+        if self.ranks.world == 1:
+            return config
+        changes: dict[str, Any] = {}
+        if config.every_seconds is not None:
+            log.warning("every_seconds is ignored with %d ranks (ranks would pick different steps); "
+                        "use every_steps", self.ranks.world)
+            changes["every_seconds"] = None
+        if config.on_busy != "wait":
+            changes["on_busy"] = "wait"  # a skipped step on one rank would leave rank 0 waiting for its part
+        return config.replace(**changes) if changes else config
+
     def _check_name(self, name: str, obj: Any) -> None:
         if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_") or name in RESERVED:
             raise ConfigError(f"cannot register {name!r}: names must be identifiers, not start with '_', "
@@ -88,14 +106,14 @@ class Session:
                 self._restore_path = self.restored.path
                 self.step = self.restored.step
         elif self._restore_path is not None:
-            late = restore_from(self._restore_path, new, self.codecs)
+            late = restore_from(self._restore_path, new, self.codecs, self.ranks)
             self._apply(late, new)
 
     def _restore_newest(self, items: dict[str, Item]) -> Restored | None:
         damaged: list[tuple[Path, CorruptCheckpointError]] = []
         for step, path in self.storage.committed():
             try:
-                restored = restore_from(path, items, self.codecs)
+                restored = restore_from(path, items, self.codecs, self.ranks)
             except CorruptCheckpointError as exc:
                 log.warning("checkpoint step %d is unusable, falling back to an older one: %s", step, exc)
                 damaged.append((path, exc))
@@ -112,6 +130,8 @@ class Session:
         return None
 
     def _set_aside(self, damaged: list[tuple[Path, CorruptCheckpointError]]) -> None:
+        if self.ranks.rank != 0:
+            return  # every rank skips the damaged ones; only rank 0 moves them
         for path, _ in damaged:
             try:
                 log.warning("moved damaged checkpoint %s to %s", path, self.storage.quarantine(path))
@@ -159,7 +179,7 @@ class Session:
                 return None
             log.info("checkpoint at step %d waits for the previous one to finish persisting", self.step)
             concurrent.futures.wait([self._inflight])
-        snap = take(self.items, self.step, self._buffer, self.codecs)
+        snap = take(self.items, self.step, self._buffers, self.codecs, self.ranks)
         self._last_time = time.monotonic()
         self._inflight = self._persister.submit(snap)
         self._inflight_step = snap.step
@@ -187,4 +207,4 @@ class Session:
                 self._inflight.result()
             except Exception:  # already logged by the persist thread
                 pass
-        self._buffer.release()
+        self._buffers.release()
