@@ -101,7 +101,7 @@ def test_no_commit_while_a_rank_is_missing_its_part(tmp_path: Path) -> None:
     manifest = json.loads((tmp_path / fmt.step_dirname(5) / fmt.MANIFEST).read_text())
     assert manifest["world_size"] == 2  # the earlier, complete checkpoint is untouched
     assert fmt.step_dirname(5) in before
-    abandoned = [p for p in tmp_path.iterdir() if ".tmp-job_t_r1" in p.name]
+    abandoned = [p for p in tmp_path.iterdir() if ".tmp-job_t_r1_c" in p.name]
     assert len(abandoned) == 1
     # the next round's rank 0 removes the abandoned temporary directory when it starts
     run_ranks("load", tmp_path, world=3, round_=2, ranks=[0])

@@ -150,7 +150,7 @@ class Persister:
     def persist(self, snap: Snapshot) -> Path:
         t0 = time.perf_counter()
         multi = snap.ranks.world > 1
-        tmp = shared_tmp(self.storage.root, snap.step, snap.ranks) if multi else self.storage.new_tmp(snap.step)
+        tmp = shared_tmp(self.storage.root, snap.step, snap.ranks, snap.seq) if multi else self.storage.new_tmp(snap.step)
         try:
             files = self._write_parts(tmp, snap)
             if multi:

@@ -4,7 +4,8 @@ Who writes what: replicated state (a DDP model and optimizer; every adapter by d
 written once, by rank 0, to ``data.safetensors``/``tree.json``; per-rank state (adapters
 with ``per_rank = True``: RNG states, data-loader positions) is written by every rank to
 ``rank-<r>.safetensors``/``rank-<r>.json``. All ranks write into one temporary directory
-named after the step, the job and the round, so they agree on it without talking. Each
+named after the step, the job, the round and the checkpoint's sequence number in the
+round, so they agree on it without talking. Each
 rank then writes ``rank-<r>.part.json`` (its files' sizes and checksums) durably; rank 0
 waits until every rank's part is there, writes the manifest (with the world size and the
 ranks) and commits the directory with one rename. A checkpoint is therefore committed only
@@ -70,9 +71,14 @@ def rank_part(rank: int) -> str:
     return f"rank-{rank:05d}.part.json"
 
 
-def shared_tmp(root: Path, step: int, ranks: Ranks) -> Path:
-    """The temporary directory all ranks of this round write checkpoint ``step`` into."""
-    path = root / f"{fmt.step_dirname(step)}{TMP_TAG}job_{ranks.job}_r{ranks.round}"
+def shared_tmp(root: Path, step: int, ranks: Ranks, seq: int) -> Path:
+    """The temporary directory all ranks of this round write checkpoint ``step`` into.
+
+    ``seq`` counts the checkpoints this process took in this round; every rank takes the
+    same checkpoints (same policy, same code), so they agree on it, and a second checkpoint
+    of the same step gets a directory of its own.
+    """
+    path = root / f"{fmt.step_dirname(step)}{TMP_TAG}job_{ranks.job}_r{ranks.round}_c{seq}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -103,7 +109,7 @@ def wait_parts(tmp: Path, world: int, timeout: float) -> dict[str, dict[str, int
 def cleanup_old_rounds(root: Path, ranks: Ranks) -> list[Path]:
     """Rank 0: delete this job's temporary checkpoint directories left by earlier rounds."""
     removed = []
-    pattern = re.compile(rf"\.tmp-job_{re.escape(ranks.job)}_r(\d+)$")
+    pattern = re.compile(rf"\.tmp-job_{re.escape(ranks.job)}_r(\d+)_c\d+$")
     for name in os.listdir(root) if root.is_dir() else []:
         m = pattern.search(name)
         if m and int(m.group(1)) < ranks.round:

@@ -53,6 +53,7 @@ class Session:
         self._persister.part_timeout = config.part_timeout
         self._inflight: concurrent.futures.Future[Path] | None = None
         self._inflight_step = -1
+        self._seq = 0
         self._last_time = time.monotonic()
         self.skipped = 0
         self.state = State(self)
@@ -180,6 +181,8 @@ class Session:
             log.info("checkpoint at step %d waits for the previous one to finish persisting", self.step)
             concurrent.futures.wait([self._inflight])
         snap = take(self.items, self.step, self._buffers, self.codecs, self.ranks)
+        snap.seq = self._seq
+        self._seq += 1
         self._last_time = time.monotonic()
         self._inflight = self._persister.submit(snap)
         self._inflight_step = snap.step

@@ -49,6 +49,7 @@ class Snapshot:
     adapters: dict[str, str]
     per_rank: set[str]
     ranks: Ranks = dataclasses.field(default_factory=Ranks)
+    seq: int = 0  # this process's checkpoint count (multi-rank temp directory names)
     blocking_s: float = 0.0
 
     @property

@@ -322,6 +322,14 @@ class MemStore:
                     return
                 self.cond.wait(1.0 if delay is None else min(max(delay, 0.01), 1.0))
 
+    def resume(self, *, reset_session_timers: bool = True) -> None:
+        """Accept blocking reads again after :meth:`close` (restart the reaper separately)."""
+        with self.cond:
+            self.closed = False
+            if reset_session_timers:
+                for sid, rec in self.sessions.items():
+                    self.sessions[sid] = replace(rec, expires=self._expiry(rec.ttl))
+
     def close(self) -> None:
         """Wake every blocked reader and stop the reaper."""
         with self.cond:

@@ -81,6 +81,7 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024  # many agents connect at once; the default backlog (5) resets them
 
     def __init__(self, addr: tuple[str, int], app: ConsulApp) -> None:
         self.app = app
@@ -102,10 +103,14 @@ class ServerHandle:
         self.store = store
         self.host, self.port = httpd.server_address[:2]
         self.url = f"http://{self.host}:{self.port}"
-        self._thread = threading.Thread(
+        self._thread = self._serve_thread(httpd)
+        self._stopped = False
+
+    @staticmethod
+    def _serve_thread(httpd: _Server) -> threading.Thread:
+        return threading.Thread(
             target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="kv-server", daemon=True
         )
-        self._stopped = False
 
     def start(self) -> ServerHandle:
         self._thread.start()
@@ -120,6 +125,21 @@ class ServerHandle:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
+
+    def restart(self, *, reset_session_timers: bool = True) -> ServerHandle:
+        """Serve again on the same host and port with the same data (stopping first if needed).
+
+        Simulates a store outage in tests. Like a Consul leader change, the
+        restart resets every session's TTL timer unless ``reset_session_timers``
+        is False, in which case sessions not renewed during the outage lapse.
+        """
+        self.stop()
+        self.store.resume(reset_session_timers=reset_session_timers)
+        self._httpd = _Server((self.host, self.port), self._httpd.app)
+        self._thread = self._serve_thread(self._httpd)
+        self._stopped = False
+        self.store.start_reaper()
+        return self.start()
 
     def wait(self) -> None:
         """Block until :meth:`stop` is called from another thread or a signal."""

@@ -11,6 +11,12 @@ While a round is closed, newcomers add themselves to ``waiting``; members see th
 reopen the next round at their next safe point (``reopen``). A member that disappears
 makes the next observer reopen at once. Ranks are contiguous ``0..N-1`` and survivors keep
 their previous rank when it is still below N, so rank 0 stays rank 0 unless it left.
+
+The executor (``handler.py``) batches joins: a live membership key is the join request,
+and before calling :func:`decide` an agent folds every live member not yet in ``joined``
+into its view of an open document, so ``joined`` is written only together with a write
+``decide`` makes anyway (last call starts, round closes, a member vanished). A round of N
+agents then costs a constant number of document writes and wake-ups per agent, not N.
 """
 
 from __future__ import annotations
