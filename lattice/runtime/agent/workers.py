@@ -44,6 +44,15 @@ class Worker:
     pumps: list[threading.Thread]
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the agent dies (Linux), so no worker outlives a killed agent."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class WorkerGroup:
     """The ``nproc`` workers this agent runs for one round."""
 
@@ -60,7 +69,8 @@ class WorkerGroup:
             full = {**os.environ, **self.spec.base_env, **env, "LATTICE_CONTROL": str(control.path),
                     "PYTHONUNBUFFERED": "1"}
             proc = subprocess.Popen(list(self.spec.command), env=full, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, start_new_session=True)
+                                    stderr=subprocess.PIPE, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
             pumps = [self._pump(proc.stdout, rank, self.out), self._pump(proc.stderr, rank, sys.stderr)]
             self.workers.append(Worker(local, rank, proc, control, pumps))
 
