@@ -38,8 +38,8 @@ marker = out / "failed-once"
 while state.step < args.steps:
     time.sleep(args.sleep)
     state.progress = state.step + 1
+    print(f"step {state.step + 1}", flush=True)  # the step's work is done; lattice.step() counts it
     lattice.step()
-    print(f"step {state.step}", flush=True)
     if rank == args.fail_rank and state.step == args.fail_at and (args.always_fail or not marker.exists()):
         marker.touch()
         os.kill(os.getpid(), signal.SIGKILL)

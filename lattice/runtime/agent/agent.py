@@ -53,7 +53,6 @@ class Agent:
 
             self.metrics = Metrics(cfg.job, cfg.node, cfg.metrics_port)
         self._stop = threading.Event()
-        self._events: queue.Queue[Any] = queue.Queue()
         self.restarts = 0
         self.log = _Log(log, {"job": cfg.job, "node": cfg.node, "round": "-", "rank": "-"})
         self._control_dir = Path(tempfile.mkdtemp(prefix=f"lattice-{cfg.job}-"))
@@ -121,9 +120,9 @@ class Agent:
         return group
 
     def _watch(self, group: WorkerGroup, handler: Any, a: Any) -> tuple[str, Any]:
-        watcher = threading.Thread(target=self._watch_store, args=(handler, a.round), daemon=True)
+        events: queue.Queue[Any] = queue.Queue()  # per round: a late event of an old round is dropped
         stop_watch = threading.Event()
-        self._watch_stop = stop_watch
+        watcher = threading.Thread(target=self._watch_store, args=(handler, events, stop_watch), daemon=True)
         watcher.start()
         try:
             while True:
@@ -137,17 +136,17 @@ class Agent:
                     return STOP, None
                 self._report_checkpoints(group)
                 try:
-                    return self._events.get(timeout=0.1)
+                    return events.get(timeout=0.1)
                 except queue.Empty:
                     continue
         finally:
             stop_watch.set()
 
-    def _watch_store(self, handler: Any, round_: int) -> None:
+    def _watch_store(self, handler: Any, events: queue.Queue[Any], stop: threading.Event) -> None:
         """Block on the store (a watch, not polling) and forward events that concern this round."""
         from ..rendezvous.api import JoinPending, PeerLost
 
-        while not self._watch_stop.is_set():
+        while not stop.is_set():
             try:
                 event = handler.next_event(timeout=2.0)
             except Exception as exc:  # the store may be down: workers keep training meanwhile
@@ -155,10 +154,10 @@ class Agent:
                 time.sleep(1.0)
                 continue
             if isinstance(event, PeerLost):
-                self._events.put((PEER_LOST, event))
+                events.put((PEER_LOST, event))
                 return
             if isinstance(event, JoinPending):
-                self._events.put((JOIN_PENDING, event))
+                events.put((JOIN_PENDING, event))
                 return
 
     # -- reactions ----------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import IO
 from ...core.control import ControlFile
 
 log = logging.getLogger("lattice.agent")
+STOP_MARGIN = 2  # steps past the furthest worker at which a planned stop takes effect
 
 
 @dataclasses.dataclass
@@ -96,11 +97,20 @@ class WorkerGroup:
         """The last step each worker reported through its control file."""
         return {w.local_rank: w.control.step for w in self.workers}
 
-    def request_stop(self, at_step: int = 0) -> None:
-        """Ask every worker to checkpoint at its next step boundary (>= ``at_step``) and exit."""
+    def request_stop(self, at_step: int | None = None) -> int:
+        """Ask every worker to checkpoint at step ``at_step`` and exit; returns the step.
+
+        All ranks must checkpoint the same step (rank 0 commits only when every rank's part
+        is in), so by default the step is two past the furthest worker: each worker reaches
+        it after at most a step or two more, none can have passed it already.
+        """
+        if at_step is None:
+            at_step = max((w.control.step for w in self.workers), default=0) + STOP_MARGIN
         for w in self.workers:
             if w.proc.poll() is None:
                 w.control.request_stop(at_step)
+        log.info("asked the workers to checkpoint at step %d and exit", at_step)
+        return at_step
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every worker to exit; True if they all did."""

@@ -1,0 +1,85 @@
+"""Running ``lattice run`` / ``lattice agent`` and a rendezvous server as real processes in tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from kv_support import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = str(ROOT / "tests" / "helpers" / "agent_worker.py")
+LATTICE = [sys.executable, "-m", "lattice.cli"]
+
+
+class Proc:
+    """A process in its own group whose merged output is collected line by line."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None):
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(args, cwd=cwd, env={**os.environ, **(env or {})}, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, pred: Callable[[str], bool], timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < deadline:
+            for line in self.lines[seen:]:
+                if pred(line):
+                    return line
+            seen = len(self.lines)
+            if self.proc.poll() is not None and seen == len(self.lines):
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no matching line within {timeout}s; output:\n" + "\n".join(self.lines[-60:]))
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def serve(cwd: Path) -> tuple[Proc, str]:
+    """``lattice rendezvous serve`` on a free port with 1 s session TTLs allowed."""
+    port = free_port()
+    p = Proc([*LATTICE, "rendezvous", "serve", "--host", "127.0.0.1", "--port", str(port),
+              "--min-session-ttl", "1"], cwd)
+    deadline = time.monotonic() + 20
+    import urllib.request
+
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/status/leader", timeout=1).read()
+            return p, f"127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    p.kill()
+    raise AssertionError("rendezvous server did not start:\n" + p.text)
