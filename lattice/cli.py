@@ -128,10 +128,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `lattice ckpt inspect D | head` ends quietly
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    if args.command == "ckpt" and hasattr(signal, "SIGPIPE"):
+        # `lattice ckpt inspect D | head` ends quietly; never for servers, where a client
+        # that hangs up must not kill the process
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    chatty = args.verbose or args.command in ("run", "agent", "rendezvous")  # operators read agent logs
+    logging.basicConfig(level=logging.INFO if chatty else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,9 +34,13 @@ class Proc:
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
 
-    def wait_for(self, pred: Callable[[str], bool], timeout: float) -> str:
+    def mark(self) -> int:
+        """A position in the output: ``wait_for(..., after=mark)`` looks only at later lines."""
+        return len(self.lines)
+
+    def wait_for(self, pred: Callable[[str], bool], timeout: float, after: int = 0) -> str:
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = after
         while time.monotonic() < deadline:
             for line in self.lines[seen:]:
                 if pred(line):
@@ -44,7 +49,9 @@ class Proc:
             if self.proc.poll() is not None and seen == len(self.lines):
                 break
             time.sleep(0.05)
-        raise AssertionError(f"no matching line within {timeout}s; output:\n" + "\n".join(self.lines[-60:]))
+        events = [ln for ln in self.lines if not re.search(r"\]: step \d+$", ln)]
+        raise AssertionError(f"no matching line within {timeout}s; output other than steps:\n"
+                             + "\n".join(events[-40:]) + "\nlast lines:\n" + "\n".join(self.lines[-5:]))
 
     def wait(self, timeout: float) -> int:
         code = self.proc.wait(timeout)

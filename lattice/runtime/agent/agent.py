@@ -12,6 +12,12 @@ Decisions about membership live in the rendezvous; this loop only reacts:
 - a new agent is waiting and there is room: planned stop (workers checkpoint at their next
   step), then open the next round with it;
 - SIGTERM/SIGINT: planned stop, leave (peers re-rendezvous without this node), exit 0.
+
+A planned stop must end every rank of the job at the same step (rank 0 commits a
+checkpoint only when every rank's part is in). The agent that starts one announces the
+step in the store (``lattice/<job>/stop/<round>``, create-only, so concurrent starters agree
+on the first) a little past its furthest worker, allowing for the steps its workers make in
+half a second; every agent of the round watches that key and stops its workers there.
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ from .config import AgentConfig, worker_envs
 from .workers import WorkerGroup, WorkerSpec
 
 log = logging.getLogger("lattice.agent")
-DONE, FAILED, PEER_LOST, JOIN_PENDING, STOP = "done", "failed", "peer-lost", "join-pending", "stop"
-FAST_GRACE = 5.0  # seconds workers get to checkpoint when their peers are already gone
+DONE, FAILED, PEER_LOST, JOIN_PENDING, STOP, STOP_AT = (
+    "done", "failed", "peer-lost", "join-pending", "stop", "stop-announced")
 
 
 class _Log(logging.LoggerAdapter):
@@ -122,8 +128,9 @@ class Agent:
     def _watch(self, group: WorkerGroup, handler: Any, a: Any) -> tuple[str, Any]:
         events: queue.Queue[Any] = queue.Queue()  # per round: a late event of an old round is dropped
         stop_watch = threading.Event()
-        watcher = threading.Thread(target=self._watch_store, args=(handler, events, stop_watch), daemon=True)
-        watcher.start()
+        for target, args in ((self._watch_store, (handler, events, stop_watch)),
+                             (self._watch_stop_key, (a.round, events, stop_watch))):
+            threading.Thread(target=target, args=args, daemon=True).start()
         try:
             while True:
                 codes = group.poll()
@@ -135,6 +142,7 @@ class Agent:
                 if self._stop.is_set():
                     return STOP, None
                 self._report_checkpoints(group)
+                group.sample_rate()
                 try:
                     return events.get(timeout=0.1)
                 except queue.Empty:
@@ -160,6 +168,35 @@ class Agent:
                 events.put((JOIN_PENDING, event))
                 return
 
+    def _watch_stop_key(self, round_: int, events: queue.Queue[Any], stop: threading.Event) -> None:
+        """Block on this round's stop key; forward the step another agent announced."""
+        key, index = self._key(f"stop/{round_}"), 0
+        while not stop.is_set():
+            try:
+                entry = self._open_store().get(key)
+                if entry is not None:
+                    events.put((STOP_AT, json.loads(entry.value)["at"]))
+                    return
+                index = self._open_store().wait(key, index, 2.0).index
+            except Exception as exc:  # store down: keep training, try again
+                self.log.debug("stop-key watch: %s", exc)
+                time.sleep(1.0)
+
+    def _announce_stop(self, round_: int, group: WorkerGroup) -> int:
+        """Publish the step at which every rank of this round stops (the first announcement wins)."""
+        at = group.stop_step(lead_time=0.5)
+        key = self._key(f"stop/{round_}")
+        store = self._open_store()
+        try:
+            store.cas(key, json.dumps({"at": at, "by": self.cfg.node}).encode(), 0)
+        except CASConflict:
+            entry = store.get(key)
+            at = json.loads(entry.value)["at"] if entry else at
+        except KVUnavailable as exc:
+            self.log.warning("cannot announce the stop step to the other agents (%s); stopping locally", exc)
+        self.log.info("planned stop of round %d at step %d", round_, at)
+        return at
+
     # -- reactions ----------------------------------------------------------------------
     def _react(self, outcome: str, detail: Any, group: WorkerGroup, handler: Any, a: Any) -> int | None:
         self.log.info("round %d ended: %s %s", a.round, outcome, detail or "")
@@ -168,23 +205,24 @@ class Agent:
             group.stop(planned=False)
             return 0
         if outcome == STOP:
-            group.stop(planned=True)
+            group.stop(planned=True, at_step=self._announce_stop(a.round, group))
             self._count_exits(group, "planned")
             return 0
-        if outcome == JOIN_PENDING:
-            group.stop(planned=True)
+        if outcome in (JOIN_PENDING, STOP_AT):
+            at = self._announce_stop(a.round, group) if outcome == JOIN_PENDING else detail
+            group.stop(planned=True, at_step=at)
             self._count_exits(group, "planned")
             handler.request_new_round()
             return None
         if outcome == PEER_LOST:
             if self._marked("done") == a.round:
                 return self._finish_after_peer_done(group)
-            group.stop(planned=True, grace=FAST_GRACE)
+            group.stop(planned=False)  # a lost rank's part can never arrive: no checkpoint to wait for
             self._count_exits(group, "peer-lost")
             return self._code_if_failed()
         # FAILED
         code = next(iter(detail.values()))
-        group.stop(planned=True, grace=FAST_GRACE)
+        group.stop(planned=False)  # the failed rank's part can never arrive: no checkpoint to wait for
         self._count_exits(group, "failed")
         if not self._take_restart():
             self.log.error("worker exited with %s and the job's restart budget (%d) is spent; failing the job",

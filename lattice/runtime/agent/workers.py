@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -61,6 +62,7 @@ class WorkerGroup:
         self.spec, self.envs = spec, envs
         self.out = out or sys.stdout
         self.workers: list[Worker] = []
+        self._samples: list[tuple[float, int]] = []
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -122,11 +124,27 @@ class WorkerGroup:
                 return False
         return True
 
-    def stop(self, planned: bool, grace: float | None = None) -> dict[int, int]:
+    def sample_rate(self) -> None:
+        """Record (time, furthest step) so a planned stop can allow for the workers' pace."""
+        now = time.monotonic()
+        self._samples.append((now, max((w.control.step for w in self.workers), default=0)))
+        while len(self._samples) > 2 and now - self._samples[0][0] > 3.0:
+            self._samples.pop(0)
+
+    def stop_step(self, lead_time: float) -> int:
+        """A step no worker can pass within ``lead_time`` seconds from now (at least 2 ahead)."""
+        furthest = max((w.control.step for w in self.workers), default=0)
+        rate = 0.0
+        if len(self._samples) >= 2:
+            (t0, s0), (t1, s1) = self._samples[0], self._samples[-1]
+            rate = (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+        return furthest + STOP_MARGIN + math.ceil(rate * lead_time)
+
+    def stop(self, planned: bool, grace: float | None = None, at_step: int | None = None) -> dict[int, int]:
         """Stop the workers: a planned stop asks them to checkpoint first; returns exit codes."""
         grace = self.spec.grace if grace is None else grace
         if planned:
-            self.request_stop()
+            self.request_stop(at_step)
             if not self.wait(grace):
                 log.warning("workers did not checkpoint and exit within %.0fs; stopping them", grace)
         self._signal(signal.SIGTERM)

@@ -1,0 +1,101 @@
+"""Several agents as separate processes on one machine, sharing a rendezvous server: an agent
+SIGKILLed (the others go on with fewer nodes), a new agent joining (scale up, no lost step),
+an agent stopped with SIGTERM (scale down, no lost step), and the KV store unreachable for a
+while (training goes on)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from agent_support import LATTICE, WORKER, Proc, serve
+
+
+def agent(tmp: Path, endpoint: str, *worker: str, ttl: str = "1") -> Proc:
+    return Proc([*LATTICE, "agent", "--nnodes", "1:3", "--rdzv-endpoint", endpoint, "--rdzv-id", "el",
+                 "--ttl", ttl, "--last-call", "1", "--grace", "20", "--checkpoint-dir", str(tmp / "ckpt"),
+                 WORKER, "--out", str(tmp), *worker], tmp)
+
+
+def worker_lines(p: Proc, pattern: str) -> list[re.Match[str]]:
+    return [m for line in p.lines if (m := re.search(pattern, line))]
+
+
+def last_step_before(p: Proc, marker: str) -> int:
+    """The last step a worker of ``p`` completed before the line ``marker``."""
+    last = 0
+    for line in p.lines:
+        if line == marker:
+            return last
+        if m := re.search(r"\]: step (\d+)$", line):
+            last = int(m.group(1))
+    raise AssertionError(f"{marker!r} not in output")
+
+
+@pytest.mark.timeout(240)
+def test_agents_survive_a_kill_and_scale_up_and_down_without_losing_planned_steps(tmp_path: Path) -> None:
+    server, endpoint = serve(tmp_path)
+    procs = [server]
+    try:
+        a = agent(tmp_path, endpoint, "--steps", "100000", "--sleep", "0.05", "--every", "10")
+        b = agent(tmp_path, endpoint, "--steps", "100000", "--sleep", "0.05", "--every", "10")
+        procs += [a, b]
+        a.wait_for(lambda ln: "start step 0 world 2" in ln, 60)
+        b.wait_for(lambda ln: "start step 0 world 2" in ln, 60)
+        a.wait_for(lambda ln: ln.endswith("]: step 25"), 60)
+
+        # an agent dies: the survivor re-rendezvouses alone and resumes from the newest checkpoint
+        mark = a.mark()
+        b.kill()
+        line = a.wait_for(lambda ln: "world 1" in ln and "start step" in ln, 60, after=mark)
+        resumed = int(re.search(r"start step (\d+)", line).group(1))
+        assert resumed >= 20 and resumed % 10 == 0
+
+        # scale up: a new agent joins; the running worker checkpoints at an agreed step first
+        a.wait_for(lambda ln: ln.endswith(f"]: step {resumed + 5}"), 60)
+        mark = a.mark()
+        c = agent(tmp_path, endpoint, "--steps", "100000", "--sleep", "0.05", "--every", "10")
+        procs.append(c)
+        up = a.wait_for(lambda ln: "world 2" in ln and "start step" in ln, 60, after=mark)
+        up_step = int(re.search(r"start step (\d+)", up).group(1))
+        assert up_step == last_step_before(a, up)  # no completed step is redone
+        c.wait_for(lambda ln: f"start step {up_step} world 2" in ln, 60)
+
+        # scale down: SIGTERM to the newcomer; both stop at one step, the survivor goes on alone
+        a.wait_for(lambda ln: ln.endswith(f"]: step {up_step + 5}"), 60)
+        mark = a.mark()
+        c.signal(signal.SIGTERM)
+        assert c.wait(60) == 0, c.text
+        down = a.wait_for(lambda ln: "world 1" in ln and "start step" in ln, 60, after=mark)
+        down_step = int(re.search(r"start step (\d+)", down).group(1))
+        assert down_step == last_step_before(a, down)
+        c_steps = [int(m.group(1)) for m in worker_lines(c, r"\]: step (\d+)$")]
+        assert max(c_steps) == down_step  # the leaving node's last step is in the checkpoint too
+    finally:
+        for p in procs:
+            p.kill()
+
+
+@pytest.mark.timeout(120)
+def test_training_goes_on_while_the_store_is_unreachable(tmp_path: Path) -> None:
+    server, endpoint = serve(tmp_path)
+    a = None
+    try:
+        a = agent(tmp_path, endpoint, "--steps", "120", "--sleep", "0.1", "--every", "10", ttl="10")
+        a.wait_for(lambda ln: ln.endswith("]: step 10"), 60)
+        server.proc.send_signal(signal.SIGSTOP)  # the store stops answering for 10 s
+        time.sleep(10)
+        during = [int(m.group(1)) for m in worker_lines(a, r"\]: step (\d+)$")]
+        server.proc.send_signal(signal.SIGCONT)
+        assert max(during) >= 60  # the worker kept training while the store was away
+        assert a.wait(90) == 0, a.text
+        assert len(worker_lines(a, r"start step")) == 1  # never restarted
+        assert worker_lines(a, r"done 120")
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        if a is not None:
+            a.kill()
+        server.kill()
