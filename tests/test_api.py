@@ -499,3 +499,15 @@ print('ok')
 """
     res = run_python(code, timeout=30)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+
+
+def test_unsupported_leaf_inside_a_container_is_named_with_its_path(tmp_path: Path) -> None:
+    class Gizmo:
+        pass
+
+    session = lattice.new_session(checkpoint_dir=str(tmp_path))
+    try:
+        with pytest.raises(lattice.UnsupportedObjectError, match=r"Gizmo at vals/a/1: .*docs/adapters.md"):
+            session.register({"vals": {"a": [1, Gizmo()]}})
+    finally:
+        session.close()

@@ -119,6 +119,10 @@ class AdapterRegistry:
         for adapter in self.all():
             if adapter.handles(obj):
                 return adapter
+        if isinstance(obj, dict | list | tuple):
+            from .tree import encode
+
+            encode(obj, self.codecs, item=item)  # raises, naming the unsupported leaf and its path
         kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
         raise UnsupportedObjectError(
             f"no adapter handles {item + ': ' if item else ''}{kind}. Give the object "

@@ -68,7 +68,8 @@ def encode(tree: Any, codecs: Codecs = CODECS, item: str = "") -> tuple[Any, lis
             raise UnsupportedObjectError(
                 f"cannot checkpoint {type(x).__module__}.{type(x).__qualname__} at "
                 f"{item}/{path_str(path)}: supported leaves are None, bool, int, float, str, bytes, "
-                "list, tuple, dict and arrays (numpy, or a framework whose adapter is loaded)"
+                "list, tuple, dict and arrays (numpy, or a framework whose adapter is loaded); register "
+                "such an object by itself, with an adapter for its type (see docs/adapters.md)"
             )
         try:
             dtype, shape = codec.describe(x)
