@@ -88,9 +88,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import main
+    if args.simple:
+        from .demo.simple import main
 
-    return main(args.workdir, epochs=args.epochs, seed=args.seed)
+        return main(args.workdir, epochs=args.epochs, seed=args.seed)
+    from .demo.elastic import main as elastic
+
+    return elastic(args.workdir, steps=args.steps, sleep=args.sleep)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -110,10 +114,14 @@ def parser() -> argparse.ArgumentParser:
     ver.add_argument("dir")
     ver.add_argument("step", nargs="?", type=int, help="default: every committed checkpoint")
     ver.set_defaults(fn=cmd_verify)
-    demo = sub.add_parser("demo", help="the quick-start job: train, SIGKILL, resume, compare")
+    demo = sub.add_parser("demo", help="the quick-start job: elastic DDP on local agents (kill, scale up, scale down)")
     demo.add_argument("--workdir", default="demo-run", help="where the demo writes (default: ./demo-run)")
-    demo.add_argument("--epochs", type=int, default=6)
-    demo.add_argument("--seed", type=int, default=None, help="seed for the kill point")
+    demo.add_argument("--steps", type=int, default=300, help="training steps of the elastic demo (default 300)")
+    demo.add_argument("--sleep", type=float, default=0.04, help="seconds each step sleeps (default 0.04)")
+    demo.add_argument("--simple", action="store_true",
+                      help="the single-process demo instead: train, SIGKILL, resume, compare the weights")
+    demo.add_argument("--epochs", type=int, default=6, help="--simple: epochs to train")
+    demo.add_argument("--seed", type=int, default=None, help="--simple: seed for the kill point")
     demo.set_defaults(fn=cmd_demo)
     from .runtime.agent.cli import add_cli as add_agent_cli
 

@@ -73,7 +73,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path: Path, reference:
 
 @pytest.mark.timeout(180)
 def test_cli_demo_returns_zero(tmp_path: Path, capsys) -> None:
-    rc = lattice.cli.main(["demo", "--workdir", str(tmp_path / "demo"), "--epochs", "2", "--seed", "1"])
+    rc = lattice.cli.main(["demo", "--simple", "--workdir", str(tmp_path / "demo"), "--epochs", "2", "--seed", "1"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "bit-identical to the uninterrupted run: yes" in out

@@ -1,7 +1,9 @@
 """A small DDP (gloo, CPU) training script for ``lattice run``: the elastic demo's workload.
 
-It works unchanged under torchrun and under ``lattice run``. Each rank logs its loss per
-step to ``$LATTICE_DEMO_LOG`` (JSON lines) when set, which the demo turns into a plot.
+It works unchanged under torchrun and under ``lattice run``. Each worker prints one line
+when it starts (rank, world, pid, round, first step). Rank 0 logs every step to
+``$LATTICE_DEMO_LOG`` (JSON lines: step, loss, world, time, round, pid) when set, which
+``lattice demo`` turns into its timeline and its plot.
 
     lattice run --nnodes 1:3 --nproc-per-node 1 -m lattice.demo.ddp_train --steps 300
 """
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     lattice.configure(every_steps=args.every)
     state = lattice.register(model=model, optimizer=opt, epoch=0)
+    round_ = int(os.environ.get("LATTICE_ROUND", "0"))
+    print(f"rank {rank} of {world}, pid {os.getpid()}, round {round_}: starting at step {state.step}", flush=True)
     if state.restored_from:
         print(f"restored step {state.step} (epoch {state.epoch}) from {state.restored_from}; world {world}", flush=True)
     log = open(os.environ["LATTICE_DEMO_LOG"], "a") if os.environ.get("LATTICE_DEMO_LOG") and rank == 0 else None
@@ -55,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
             loss = loss_fn(model(xb), yb)
             loss.backward()
             opt.step()
-            lattice.step()
-            if log:
-                log.write(json.dumps({"step": state.step, "loss": loss.item(), "world": world,
-                                      "time": time.time(), "round": os.environ.get("LATTICE_ROUND")}) + "\n")
+            if log:  # before lattice.step(), which exits here when the agent asked for a planned stop
+                log.write(json.dumps({"step": state.step + 1, "loss": loss.item(), "world": world,
+                                      "time": time.time(), "round": round_, "pid": os.getpid()}) + "\n")
                 log.flush()
+            lattice.step()
             if state.step % 50 == 0 and rank == 0:
                 print(f"step {state.step} loss {loss.item():.4f} world {world}", flush=True)
             time.sleep(args.sleep)

@@ -87,6 +87,11 @@ class _Server(ThreadingHTTPServer):
         self.app = app
         super().__init__(addr, _Handler)
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):  # a client went away (an agent exited): normal
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
+
 
 class ServerHandle:
     """A running embedded server.
