@@ -169,12 +169,15 @@ class Bench:
     def lattice_checkpoint(self) -> tuple[float, float]:
         self.n += 1
         self.session.step = self.n
+        committed: list[float] = []
         t0 = time.perf_counter()
-        self.session.checkpoint()
+        future = self.session.checkpoint()
         t1 = time.perf_counter()
-        self.session.wait()
+        future.add_done_callback(lambda f: committed.append(time.perf_counter()))  # the commit (or now)
+        self.session.wait()  # also waits for the deletion of the previous checkpoint
         t2 = time.perf_counter()
-        return t1 - t0, t2 - t0
+        self.record("lattice_retired", t2 - t0)
+        return t1 - t0, committed[0] - t0
 
     def raw_write(self) -> float:
         path = self.root / "raw.bin"
@@ -291,6 +294,8 @@ class Bench:
             ("dcp_save", self.dcp_save),
             ("st_save", self.st_save),
         ]
+        if self.args.only:
+            save = [(n, f) for n, f in save if n in self.args.only.split(",")]
         for r in range(reps):
             for name, fn in save[r % len(save):] + save[:r % len(save)]:
                 settle()
@@ -310,6 +315,8 @@ class Bench:
                     self.record(name, dt)
                     log(f"rep {r + 1}/{reps} {name}: {dt:.3f}s")
                 gc.collect()
+        if self.args.no_restore:
+            return
         self.st_save(keep=True)  # the safetensors file for the restore anchor
         restore = [
             ("lattice_restore", self.lattice_restore),
@@ -513,6 +520,8 @@ def main() -> None:
     ap.add_argument("--dir", help="working directory (default: a temporary one next to the repository)")
     ap.add_argument("--json", help="write every sample, the medians and the table here")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    ap.add_argument("--only", help="comma-separated save contenders (lattice,raw_write,torch_save,dcp_save,st_save)")
+    ap.add_argument("--no-restore", action="store_true", help="skip the restore contenders")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -538,6 +547,10 @@ def main() -> None:
             mem = memory(args, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    if args.only or args.no_restore:  # a partial run: no table, the medians and samples only
+        for k, v in samples.items():
+            print(f"{k:32s} median {statistics.median(v):.3f}  " + " ".join(f"{x:.2f}" for x in v))
+        return
     text, rows = table(samples, mem, size)
     info = machine()
     print(f"\n{datetime.date.today()}  " + ", ".join(f"{k}={v}" for k, v in info.items()))

@@ -3,7 +3,8 @@
 A checkpoint is a directory ``step-<step:010d>/`` holding:
 
 - ``data.safetensors``: every array, a valid safetensors file (readable by the
-  ``safetensors`` library). Arrays are laid out by decreasing item size so each starts
+  ``safetensors`` library). The header is padded with spaces so the data section starts
+  at a multiple of 64 bytes, and arrays are laid out by decreasing item size so each starts
   aligned to its own item size; dtypes safetensors lacks are stored as ``U8`` bytes.
 - ``tree.json``: per item, the adapter name and the JSON skeleton of its state
   (see ``lattice.core.tree``), whose array nodes name tensors of the data file.
@@ -36,6 +37,7 @@ MANIFEST_CRC = "manifest_crc32c"  # the manifest's checksum of itself
 _CRC_MARK = b',\n "' + MANIFEST_CRC.encode() + b'": '
 STEP_PREFIX = "step-"
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors limit
+DATA_ALIGN = 64  # the data section starts at a multiple of this in the file (and in the snapshot buffer)
 
 
 def step_dirname(step: int) -> str:
@@ -84,7 +86,7 @@ def plan_layout(named_leaves: list[tuple[str, Leaf]], metadata: dict[str, str]) 
         shape = list(e.leaf.shape) if st else [e.size]
         header[e.name] = {"dtype": st or "U8", "shape": shape, "data_offsets": [e.offset, e.offset + e.size]}
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)
+    raw += b" " * (-(8 + len(raw)) % DATA_ALIGN)  # safetensors allows trailing spaces
     return Layout(entries, struct.pack("<Q", len(raw)) + raw, offset)
 
 

@@ -9,32 +9,56 @@ from __future__ import annotations
 
 import concurrent.futures
 import ctypes
+import errno
 import logging
 import os
 import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import crc32c
+import numpy as np
 
 from . import fmt
 from .ranks import shared_tmp, wait_parts, write_part
-from .snapshot import Snapshot
+from .snapshot import Fill, Snapshot, SnapshotAborted
 from .storage import LocalDirectory, write_durable
 
 log = logging.getLogger("lattice")
 CHUNK = 64 << 20
+DIRECT_ALIGN = 4096
 
 
-def _crc_all(parts: list[memoryview]) -> int:
-    crc = 0
+class Pending:
+    """A buffer still being filled: its bytes ``[0, end)`` are ready once ``fill`` reached ``end - ready``."""
+
+    def __init__(self, view: memoryview, fill: Fill, ready: int = 0):
+        self.view, self.fill, self.ready = view, fill, ready  # ``ready``: bytes at the start already set
+
+    def wait(self, end: int) -> None:
+        if end > self.ready:
+            self.fill.wait(end - self.ready)
+
+
+def _chunks(parts: list[memoryview | Pending]) -> Iterator[memoryview]:
+    """Every part in ``CHUNK`` pieces, each yielded only once its bytes are ready."""
     for part in parts:
-        for i in range(0, len(part), CHUNK):
-            crc = crc32c.crc32c(part[i:i + CHUNK], crc)
+        view = part.view if isinstance(part, Pending) else part
+        for i in range(0, len(view), CHUNK):
+            end = min(i + CHUNK, len(view))
+            if isinstance(part, Pending):
+                part.wait(end)
+            yield view[i:end]
+
+
+def _crc_all(parts: list[memoryview | Pending]) -> int:
+    crc = 0
+    for chunk in _chunks(parts):
+        crc = crc32c.crc32c(chunk, crc)
     return crc
 
 
@@ -82,8 +106,10 @@ class _Writeback:
         self.prev = (begin, end)
 
 
-def write_file(path: Path, parts: list[memoryview]) -> dict[str, int]:
+def write_file(path: Path, parts: list[memoryview | Pending]) -> dict[str, int]:
     """Write ``parts`` to ``path`` and fsync it; the crc32c runs in a second thread meanwhile.
+
+    A ``Pending`` part is written (and checksummed) region by region as its copy completes.
 
     A plain thread, not a ``concurrent.futures`` pool: pools refuse new work once the
     interpreter starts shutting down, which would fail a checkpoint still persisting when
@@ -93,29 +119,17 @@ def write_file(path: Path, parts: list[memoryview]) -> dict[str, int]:
 
     def checksum() -> None:
         try:
+            for part in parts:  # start once the snapshot copy is done: on a small host the
+                if isinstance(part, Pending):  # checksum would otherwise slow the blocking copy
+                    part.wait(len(part.view))
             crc["value"] = _crc_all(parts)
         except BaseException as exc:  # re-raised below, in the persist thread
             crc["error"] = exc
 
     worker = threading.Thread(target=checksum, name="lattice-crc", daemon=True)
     worker.start()
-    size = 0
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            writeback = _Writeback(fd)
-            for part in parts:
-                for i in range(0, len(part), CHUNK):
-                    chunk = part[i:i + CHUNK]
-                    begin = size
-                    while chunk:
-                        n = os.write(fd, chunk)
-                        chunk = chunk[n:]
-                        size += n
-                    writeback.wrote(begin, size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        size = _write_synced(path, parts)
     finally:
         worker.join()
     if "error" in crc:
@@ -123,8 +137,82 @@ def write_file(path: Path, parts: list[memoryview]) -> dict[str, int]:
     return {"size": size, "crc32c": crc["value"]}
 
 
+def _write_synced(path: Path, parts: list[memoryview | Pending]) -> int:
+    """Create ``path`` with the bytes of ``parts`` and fsync it; returns the size.
+
+    Page-aligned stretches go through a second, ``O_DIRECT`` descriptor (straight from the
+    buffer to the disk: no copy into the page cache, no dirty pages); the rest, or all of it
+    where the filesystem refuses ``O_DIRECT``, is written normally with writeback hints.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    direct = _Direct(path)
+    size = 0
+    try:
+        writeback = _Writeback(fd)
+        for chunk in _chunks(parts):
+            done = direct.write(chunk, size)
+            _pwrite_all(fd, chunk[done:], size + done)
+            writeback.wrote(size + done, size + len(chunk))
+            size += len(chunk)
+        os.fsync(fd)  # covers the O_DIRECT writes too: one inode
+    finally:
+        direct.close()
+        os.close(fd)
+    return size
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+class _Direct:
+    """An ``O_DIRECT`` descriptor for a file, used while the filesystem accepts it."""
+
+    def __init__(self, path: Path):
+        self.fd: int | None = None
+        flag = getattr(os, "O_DIRECT", 0)
+        if flag and os.environ.get("LATTICE_NO_DIRECT_IO") != "1":
+            try:
+                self.fd = os.open(path, os.O_WRONLY | flag)
+            except OSError:
+                self.fd = None  # e.g. tmpfs: write normally
+
+    def write(self, chunk: memoryview, offset: int) -> int:
+        """Write the longest aligned prefix of ``chunk`` at ``offset``; returns how many bytes."""
+        if self.fd is None or offset % DIRECT_ALIGN or _address(chunk) % DIRECT_ALIGN:
+            return 0
+        want, done = len(chunk) - len(chunk) % DIRECT_ALIGN, 0
+        try:
+            while done < want:
+                n = os.pwrite(self.fd, chunk[done:want], offset + done)
+                if n <= 0 or n % DIRECT_ALIGN:
+                    return done + max(n, 0)  # a short write: the caller writes the rest normally
+                done += n
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.close()  # this filesystem or device wants other alignment: write normally
+        return done
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _address(view: memoryview) -> int:
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if len(view) else 0
+
+
 class Persister:
-    """Runs at most one persist at a time on a background thread."""
+    """Runs at most one persist at a time on a background thread.
+
+    The future that ``submit`` returns resolves at the commit, once the checkpoints that
+    retention drops are renamed out of the committed namespace; their files are unlinked
+    after that on the same thread, off the critical path. ``join`` waits for that too.
+    """
 
     def __init__(self, storage: LocalDirectory, keep: int):
         self.storage, self.keep = storage, keep
@@ -132,20 +220,36 @@ class Persister:
         self.last_persist_s: float | None = None
         self.on_commit: Callable[[int, float, float], None] | None = None  # (step, stall s, persist s)
         self.part_timeout = 600.0  # rank 0 waits this long for the other ranks' parts
+        self._thread: threading.Thread | None = None
 
     def submit(self, snap: Snapshot) -> concurrent.futures.Future[Path]:
+        """Persist ``snap`` in the background; its parts may still be filling (see ``Fill``)."""
         future: concurrent.futures.Future[Path] = concurrent.futures.Future()
         future.set_running_or_notify_cancel()
 
         def run() -> None:
             try:
-                future.set_result(self.persist(snap))
+                final = self.persist(snap)
             except BaseException as exc:  # reported through the future and the log
                 log.error("checkpoint of step %d failed: %s: %s", snap.step, type(exc).__name__, exc)
                 future.set_exception(exc)
+                return
+            retired = self._retire(snap.step) if final.name == fmt.step_dirname(snap.step) else []
+            future.set_result(final)
+            for _, trash in retired:  # the slow part (unlinking the files) after the commit is reported
+                shutil.rmtree(trash, ignore_errors=True)
 
-        threading.Thread(target=run, name=f"lattice-persist-{snap.step}", daemon=True).start()
+        self._thread = threading.Thread(target=run, name=f"lattice-persist-{snap.step}", daemon=True)
+        self._thread.start()
         return future
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the last persist, its retention included; False if ``timeout`` ran out."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
 
     def persist(self, snap: Snapshot) -> Path:
         t0 = time.perf_counter()
@@ -168,18 +272,30 @@ class Persister:
         self.last_persist_s = time.perf_counter() - t0
         if self.on_commit is not None:
             self.on_commit(snap.step, snap.blocking_s, self.last_persist_s)
-        deleted = self.storage.retain(self.keep, newest=snap.step)
-        log.info("checkpoint step %d committed to %s (%.1f MB, blocked %.3fs, persisted in %.3fs)%s",
-                 snap.step, final, snap.nbytes / 1e6, snap.blocking_s, self.last_persist_s,
-                 f"; deleted old step(s) {deleted}" if deleted else "")
+        log.info("checkpoint step %d committed to %s (%.1f MB, blocked %.3fs, persisted in %.3fs)",
+                 snap.step, final, snap.nbytes / 1e6, snap.blocking_s, self.last_persist_s)
         return final
+
+    def _retire(self, step: int) -> list[tuple[int, Path]]:
+        """Rename the checkpoints that retention drops out of the committed namespace (fast)."""
+        try:
+            retired = self.storage.retire_old(self.keep, newest=step)
+        except Exception as exc:  # the checkpoint is committed; a failed cleanup only wastes space
+            log.warning("retention after step %d failed: %s: %s", step, type(exc).__name__, exc)
+            return []
+        if retired:
+            log.info("deleted old checkpoint step(s) %s after committing step %d", [s for s, _ in retired], step)
+        return retired
 
     def _write_parts(self, tmp: Path, snap: Snapshot) -> dict[str, dict[str, int]]:
         files = {}
         for part in snap.parts:
-            files[part.data_name] = write_file(tmp / part.data_name,
-                                               [memoryview(part.layout.header), memoryview(part.data)])
             files[part.tree_name] = write_file(tmp / part.tree_name, [memoryview(part.tree)])
+            ready = len(part.layout.header)  # the header is in the buffer already; the arrays follow
+            files[part.data_name] = write_file(tmp / part.data_name, [Pending(memoryview(part.file), part.fill, ready)])
+        snap.copied.wait()  # set once the copy has finished (or failed); orders blocking_s
+        if snap.copy_error is not None:
+            raise SnapshotAborted(f"the snapshot copy failed: {snap.copy_error!r}")
         return files
 
     def _commit(self, tmp: Path, snap: Snapshot, files: dict[str, dict[str, int]]) -> Path:

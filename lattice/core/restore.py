@@ -9,10 +9,13 @@ A shape, dtype, key or adapter mismatch is the user's to fix and is raised at on
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import json
 import logging
+import mmap
+import os
 from pathlib import Path
 from typing import Any
 
@@ -150,42 +153,83 @@ def _resolve(value: Any) -> Any:
 
 
 def read_data(path: Path, manifest: dict[str, Any], plan_for: Any, name: str = fmt.DATA) -> _Plan:
-    """Open a data file, build the plan with ``plan_for(header)``, read and verify every byte."""
+    """Map a data file, build the plan with ``plan_for(header)``, copy and verify every byte.
+
+    The file is memory-mapped and walked in ``CHUNK`` windows: the main thread copies each
+    window's arrays into their destinations while a second thread checksums the window
+    before it, then drops it from this process's mapping (it stays in the page cache), so
+    resident memory does not grow with the file.
+    """
     if name not in manifest["files"]:
         raise CorruptCheckpointError(str(path), name, "is not listed in the manifest")
-    file = path / name
     expect = manifest["files"][name]
-    with open(file, "rb", buffering=0) as f:
-        raw8 = f.read(8)
+    with open(path / name, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8 or size != expect["size"]:
+            raise CorruptCheckpointError(str(path), name, f"has a bad size: {size} bytes, manifest says {expect['size']}")
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        mapped.madvise(mmap.MADV_SEQUENTIAL)
+        src = np.frombuffer(mapped, dtype=np.uint8)
         try:
-            header, start = fmt.read_header(raw8, f.read)
+            header, start = fmt.read_header(bytes(src[:8]), lambda n: bytes(src[8:8 + n]))
         except (ValueError, UnicodeDecodeError) as exc:
             raise CorruptCheckpointError(str(path), name, f"has a bad header: {exc}") from None
         plan = plan_for(header)
-        crc = _Crc(crc32c.crc32c(raw8 + _header_body(f, start)))
-        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lattice-crc") as pool, \
-                Progress(f"restore {path.name}", expect["size"]) as progress:
-            progress.update(start)
-            pos = start
-            for r in sorted(plan.reads, key=lambda r: r.offset):
-                pos = _skip_to(f, pos, start + r.offset, crc, pool, progress, path, name)
-                for i in range(0, r.size, CHUNK):
-                    view = r.view[i:i + CHUNK]
-                    _read_exact(f, memoryview(view), path, name)
-                    pool.submit(crc.add, view)
-                    progress.update(len(view))
-                pos += r.size
-            _skip_to(f, pos, expect["size"], crc, pool, progress, path, name)
-    if crc.value != expect["crc32c"]:
+        value = _copy_and_check(mapped, src, start, plan.reads, f"restore {path.name}", (path, name))
+    finally:
+        src = None  # the mapping goes once nothing refers to it
+    if value != expect["crc32c"]:
         raise CorruptCheckpointError(str(path), name, "crc32c mismatch (the file is corrupt)")
     return plan
 
 
-def _header_body(f: Any, start: int) -> bytes:
-    f.seek(8)
-    body = f.read(start - 8)
-    f.seek(start)
-    return body
+def _copy_and_check(mapped: mmap.mmap, src: np.ndarray, start: int, reads: list[_Read], label: str,
+                    where: tuple[Path, str]) -> int:
+    """Copy ``reads`` (offsets from ``start``) out of ``src`` window by window; returns the file's crc32c."""
+    pending = _ordered(reads, start, src.size, where)
+    crc = _Crc(0)
+
+    def check(begin: int, end: int) -> None:
+        crc.add(src[begin:end])
+        try:
+            mapped.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+        except (OSError, ValueError):
+            pass  # only a hint: the pages stay mapped
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lattice-crc") as pool, \
+            Progress(label, src.size) as progress:
+        jobs = []
+        for begin in range(0, src.size, CHUNK):
+            end = min(begin + CHUNK, src.size)
+            while pending and pending[0][0] < end:
+                a, b, view = pending[0]
+                lo, hi = max(a, begin), min(b, end)
+                np.copyto(view[lo - a:hi - a], src[lo:hi])
+                if b > end:
+                    break
+                pending.popleft()
+            jobs.append(pool.submit(check, begin, end))
+            progress.update(end - begin)
+        for job in jobs:
+            job.result()
+    return crc.value
+
+
+def _ordered(reads: list[_Read], start: int, size: int,
+             where: tuple[Path, str]) -> collections.deque[tuple[int, int, np.ndarray]]:
+    """The reads as (begin, end, destination) in file order; overlaps and overruns are corruption."""
+    out: collections.deque[tuple[int, int, np.ndarray]] = collections.deque()
+    pos = start
+    for r in sorted(reads, key=lambda r: r.offset):
+        a, b = start + r.offset, start + r.offset + r.size
+        if a < pos:
+            raise CorruptCheckpointError(str(where[0]), where[1], "tensors overlap in the data file")
+        if b > size:
+            raise CorruptCheckpointError(str(where[0]), where[1], "ends early (truncated)")
+        out.append((a, b, r.view))
+        pos = b
+    return out
 
 
 class _Crc:
@@ -194,28 +238,6 @@ class _Crc:
 
     def add(self, data: Any) -> None:
         self.value = crc32c.crc32c(data, self.value)
-
-
-def _read_exact(f: Any, view: memoryview, path: Path, name: str) -> None:
-    while len(view):
-        n = f.readinto(view)
-        if not n:
-            raise CorruptCheckpointError(str(path), name, "ends early (truncated)")
-        view = view[n:]
-
-
-def _skip_to(f: Any, pos: int, target: int, crc: _Crc, pool: Any, progress: Progress, path: Path,
-             name: str) -> int:
-    """Read (and checksum) the bytes between ``pos`` and ``target`` that no object wants."""
-    if target < pos:
-        raise CorruptCheckpointError(str(path), name, "tensors overlap in the data file")
-    while pos < target:
-        chunk = bytearray(min(CHUNK, target - pos))
-        _read_exact(f, memoryview(chunk), path, name)
-        pool.submit(crc.add, chunk)
-        progress.update(len(chunk))
-        pos += len(chunk)
-    return pos
 
 
 def restore_from(path: Path, items: dict[str, Item], codecs: Codecs = CODECS,

@@ -10,6 +10,8 @@ import concurrent.futures
 import keyword
 import logging
 import os
+import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from .errors import CheckpointError, ConfigError, CorruptCheckpointError
 from .persist import Persister
 from .ranks import Ranks, cleanup_old_rounds
 from .restore import Restored, restore_from
-from .snapshot import Buffers, Item, take
+from .snapshot import Buffers, Item, fill, plan
 from .state import State
 from .storage import LocalDirectory
 
@@ -121,6 +123,7 @@ class Session:
                 continue
             self._apply(restored, items)
             self._set_aside(damaged)
+            self._trim(restored.step)
             log.info("restored step %d from %s%s", restored.step, path,
                      f" (not in checkpoint, kept as given: {restored.missing})" if restored.missing else "")
             return restored
@@ -129,6 +132,17 @@ class Session:
             raise CheckpointError(f"no usable checkpoint in {self.storage.root}: {reasons}. Nothing was "
                                   "deleted; move the damaged checkpoints away to start from scratch")
         return None
+
+    def _trim(self, restored_step: int) -> None:
+        """Apply retention up to the restored step: a crash between a commit and its retention
+        (possibly twice in a row) can leave more than ``keep`` behind. Only rank 0 deletes."""
+        if self.ranks.rank != 0:
+            return
+        retired = self.storage.retire_old(self.config.keep, newest=restored_step)
+        if retired:
+            log.info("deleted old checkpoint step(s) %s left by an interrupted retention", [s for s, _ in retired])
+            threading.Thread(target=lambda: [shutil.rmtree(t, ignore_errors=True) for _, t in retired],
+                             name="lattice-trim", daemon=True).start()
 
     def _set_aside(self, damaged: list[tuple[Path, CorruptCheckpointError]]) -> None:
         if self.ranks.rank != 0:
@@ -180,24 +194,33 @@ class Session:
                 return None
             log.info("checkpoint at step %d waits for the previous one to finish persisting", self.step)
             concurrent.futures.wait([self._inflight])
-        snap = take(self.items, self.step, self._buffers, self.codecs, self.ranks)
+        # the persist starts before the copy and writes each region once the copy has passed it
+        snap = plan(self.items, self.step, self._buffers, self.codecs, self.ranks)
         snap.seq = self._seq
+        future = self._persister.submit(snap)
+        try:
+            fill(snap)
+        except BaseException:
+            concurrent.futures.wait([future])  # it aborts at once: nothing is committed
+            raise
         self._seq += 1
         self._last_time = time.monotonic()
-        self._inflight = self._persister.submit(snap)
-        self._inflight_step = snap.step
-        return self._inflight
+        self._inflight, self._inflight_step = future, snap.step
+        return future
 
     def wait(self, timeout: float | None = None) -> Path | None:
-        """Block until the in-flight checkpoint is committed; raise if it failed."""
+        """Block until the in-flight checkpoint is committed and older ones retired; raise if it failed."""
         if self._inflight is None:
             return None
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            return self._inflight.result(timeout)
+            path = self._inflight.result(timeout)
         except concurrent.futures.TimeoutError:
             raise CheckpointError(f"checkpoint not committed within {timeout}s") from None
         except Exception as exc:
             raise CheckpointError(f"checkpoint failed: {type(exc).__name__}: {exc}") from exc
+        self._persister.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return path
 
     @property
     def last_committed(self) -> int | None:
@@ -210,4 +233,5 @@ class Session:
                 self._inflight.result()
             except Exception:  # already logged by the persist thread
                 pass
+            self._persister.join()
         self._buffers.release()

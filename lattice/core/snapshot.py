@@ -3,12 +3,19 @@
 This is the only part of a checkpoint that blocks training. The buffer is allocated on
 the first checkpoint and reused while the state keeps its size, so later snapshots are a
 plain memory copy; the persist step then writes the buffer to disk as is.
+
+A snapshot is taken in two phases: ``plan`` lays out every part (headers, tree, buffer)
+without copying, then ``fill`` copies the arrays in file order. The persist can start
+between the two: each part's ``Fill`` is a watermark that the writer waits on, so a region
+of the data file is written as soon as the copy has passed it. ``fill`` returns only once
+every byte is copied, so nothing aliases training memory after ``checkpoint()`` returns.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from typing import Any
 
@@ -19,6 +26,9 @@ from .arrays import CODECS, Codecs
 from .ranks import Ranks, rank_data, rank_tree
 from .tree import encode
 
+COPY_CHUNK = 64 << 20
+ALIGN = 4096  # the buffer's alignment (O_DIRECT needs the logical block size; 4 KiB covers it)
+
 
 @dataclasses.dataclass
 class Item:
@@ -28,6 +38,36 @@ class Item:
     obj: Any
 
 
+class SnapshotAborted(Exception):
+    """The snapshot copy failed, so the persist that waits on it must not commit."""
+
+
+class Fill:
+    """How far the copy has got through one part's buffer; readers wait for a region to be copied."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._done = 0
+        self._error: BaseException | None = None
+
+    def advance(self, upto: int) -> None:
+        with self._cond:
+            self._done = upto
+            self._cond.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        with self._cond:
+            self._error = exc
+            self._cond.notify_all()
+
+    def wait(self, upto: int) -> None:
+        """Block until bytes ``[0, upto)`` of the buffer are copied; raise if the copy failed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._done >= upto or self._error is not None)
+            if self._error is not None:
+                raise SnapshotAborted(f"the snapshot copy failed: {type(self._error).__name__}: {self._error}")
+
+
 @dataclasses.dataclass
 class Part:
     """One data file and its tree file, as bytes ready to write."""
@@ -35,8 +75,13 @@ class Part:
     data_name: str
     tree_name: str
     layout: fmt.Layout
-    data: np.ndarray  # uint8, layout.data_size bytes
+    file: np.ndarray  # uint8, the whole data file: the header, then ``data``
     tree: bytes
+
+    @property
+    def data(self) -> np.ndarray:
+        return self.file[len(self.layout.header):]
+    fill: Fill = dataclasses.field(default_factory=Fill)
 
 
 @dataclasses.dataclass
@@ -51,6 +96,9 @@ class Snapshot:
     ranks: Ranks = dataclasses.field(default_factory=Ranks)
     seq: int = 0  # this process's checkpoint count (multi-rank temp directory names)
     blocking_s: float = 0.0
+    copied: threading.Event = dataclasses.field(default_factory=threading.Event)
+    started: float = 0.0  # perf_counter at plan()
+    copy_error: BaseException | None = None
 
     @property
     def nbytes(self) -> int:
@@ -58,16 +106,22 @@ class Snapshot:
 
 
 class HostBuffer:
-    """A reusable uint8 host buffer; grows when needed, shrinks when far too big."""
+    """A reusable, page-aligned uint8 host buffer; grows when needed, shrinks when far too big.
+
+    Page alignment lets the writer send it to the disk with ``O_DIRECT`` (no page-cache copy).
+    """
 
     def __init__(self) -> None:
-        self._buf = np.empty(0, dtype=np.uint8)
+        self._raw = np.empty(0, dtype=np.uint8)
+        self._buf = self._raw
 
     def get(self, size: int) -> np.ndarray:
         cap = self._buf.size
         if size > cap or cap > 2 * size + (64 << 20):
-            self._buf = np.empty(0, dtype=np.uint8)  # free before allocating the new one
-            self._buf = np.empty(size, dtype=np.uint8)
+            self._raw = self._buf = np.empty(0, dtype=np.uint8)  # free before allocating the new one
+            self._raw = np.empty(size + ALIGN, dtype=np.uint8)
+            skip = -self._raw.ctypes.data % ALIGN
+            self._buf = self._raw[skip:skip + size]
         return self._buf[:size]
 
     @property
@@ -75,7 +129,7 @@ class HostBuffer:
         return int(self._buf.size)
 
     def release(self) -> None:
-        self._buf = np.empty(0, dtype=np.uint8)
+        self._raw = self._buf = np.empty(0, dtype=np.uint8)
 
 
 class Buffers:
@@ -109,14 +163,60 @@ def _groups(items: dict[str, Item], ranks: Ranks) -> list[tuple[str, str, dict[s
 def take(items: dict[str, Item], step: int, buffers: Buffers, codecs: Codecs = CODECS,
          ranks: Ranks | None = None) -> Snapshot:
     """Snapshot ``items`` at ``step`` into ``buffers`` (which must not be in use by a persist)."""
+    snap = plan(items, step, buffers, codecs, ranks)
+    fill(snap)
+    return snap
+
+
+def plan(items: dict[str, Item], step: int, buffers: Buffers, codecs: Codecs = CODECS,
+         ranks: Ranks | None = None) -> Snapshot:
+    """Lay out the snapshot of ``items`` at ``step``; nothing is copied until ``fill``."""
     t0 = time.perf_counter()
     ranks = ranks or Ranks()
     parts = [_part(data, tree, group, step, buffers, codecs) for data, tree, group in _groups(items, ranks)]
     adapters = {name: item.adapter.name for name, item in items.items()}
     per_rank = {name for name, item in items.items() if is_per_rank(item)}
     snap = Snapshot(step, time.time(), parts, adapters, per_rank, ranks)
-    snap.blocking_s = time.perf_counter() - t0
+    snap.started = t0
     return snap
+
+
+def fill(snap: Snapshot) -> None:
+    """Copy every array into its part's buffer, advancing each part's watermark as it goes.
+
+    On failure the watermarks fail too (a waiting writer aborts) and the error is raised.
+    Either way no part keeps a reference to the live arrays.
+    """
+    try:
+        for part in snap.parts:
+            data = part.data
+            for entry in part.layout.entries:
+                if entry.size:
+                    _copy(entry, data[entry.offset:entry.offset + entry.size], part.fill)
+                entry.leaf.value = None  # do not keep training tensors alive
+                part.fill.advance(entry.offset + entry.size)
+    except BaseException as exc:
+        for part in snap.parts:
+            part.fill.fail(exc)
+            for entry in part.layout.entries:
+                entry.leaf.value = None
+        snap.copy_error = exc
+        snap.copied.set()
+        raise
+    snap.blocking_s = time.perf_counter() - snap.started
+    snap.copied.set()
+
+
+def _copy(entry: fmt.Entry, dst: np.ndarray, progress: Fill) -> None:
+    """Copy one array; a large host array goes in chunks so the writer can follow closely."""
+    leaf = entry.leaf
+    src = leaf.codec.byte_view(leaf.value) if entry.size > 2 * COPY_CHUNK else None
+    if src is None or src.size != entry.size:
+        leaf.codec.copy_into(leaf.value, dst)
+        return
+    for i in range(0, entry.size, COPY_CHUNK):
+        np.copyto(dst[i:i + COPY_CHUNK], src[i:i + COPY_CHUNK])
+        progress.advance(entry.offset + min(i + COPY_CHUNK, entry.size))
 
 
 def _part(data_name: str, tree_name: str, items: dict[str, Item], step: int, buffers: Buffers,
@@ -129,11 +229,7 @@ def _part(data_name: str, tree_name: str, items: dict[str, Item], step: int, buf
         named.extend(zip(names, leaves, strict=True))
         trees[name] = {"adapter": item.adapter.name, "tree": skeleton, "arrays": names}
     layout = fmt.plan_layout(named, {"format": fmt.FORMAT, "step": str(step)})
-    data = buffers.get(data_name, layout.data_size)
-    for entry in layout.entries:
-        if entry.size:
-            leaf = entry.leaf
-            leaf.codec.copy_into(leaf.value, data[entry.offset:entry.offset + entry.size])
-        entry.leaf.value = None  # do not keep training tensors alive
+    file = buffers.get(data_name, layout.file_size)
+    file[:len(layout.header)] = np.frombuffer(layout.header, dtype=np.uint8)
     tree = json.dumps({"items": trees}, separators=(",", ":")).encode()
-    return Part(data_name, tree_name, layout, data, tree)
+    return Part(data_name, tree_name, layout, file, tree)

@@ -113,24 +113,38 @@ class LocalDirectory:
 
     def delete(self, path: Path) -> None:
         """Remove a checkpoint; it leaves the committed namespace atomically before its files go."""
+        shutil.rmtree(self.retire(path), ignore_errors=True)
+
+    def retire(self, path: Path) -> Path:
+        """Take a checkpoint out of the committed namespace (one rename); returns where it went."""
         trash = path.with_name(f"{path.name}{TRASH_TAG}{uuid.uuid4().hex[:8]}")
         os.rename(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        return trash
 
     def retain(self, keep: int, newest: int) -> list[int]:
         """Keep the ``keep`` newest committed checkpoints up to step ``newest``; delete older ones.
 
         Checkpoints newer than ``newest`` (another timeline) are never deleted here.
         """
-        deleted = []
+        retired = self.retire_old(keep, newest)
+        for _, trash in retired:
+            shutil.rmtree(trash, ignore_errors=True)
+        return [step for step, _ in retired]
+
+    def retire_old(self, keep: int, newest: int) -> list[tuple[int, Path]]:
+        """``retain``'s first half: rename the checkpoints to drop out of the namespace, delete nothing.
+
+        Returns (step, trash directory) for each; the caller removes the trash directories
+        (a leftover one is removed by ``cleanup_leftovers``).
+        """
+        retired = []
         mine = [(s, p) for s, p in self.committed() if s <= newest]
         for step, path in mine[keep:]:
             try:
-                self.delete(path)
-                deleted.append(step)
+                retired.append((step, self.retire(path)))
             except OSError as exc:
                 log.warning("could not delete old checkpoint %s: %s", path, exc)
-        return deleted
+        return retired
 
     def quarantine(self, path: Path) -> Path:
         """Move a damaged checkpoint aside (kept for inspection, never restored or counted again)."""

@@ -36,6 +36,7 @@ from typing import Any
 from ..kv.api import CASConflict, KVStore, KVUnavailable
 from ..rendezvous.decide import Limits
 from .config import AgentConfig, worker_envs
+from .spare import SparePool
 from .workers import WorkerGroup, WorkerSpec
 
 log = logging.getLogger("lattice.agent")
@@ -62,6 +63,10 @@ class Agent:
         self.restarts = 0
         self.log = _Log(log, {"job": cfg.job, "node": cfg.node, "round": "-", "rank": "-"})
         self._control_dir = Path(tempfile.mkdtemp(prefix=f"lattice-{cfg.job}-"))
+        # spares only for single-agent jobs: a planned stop's step is chosen from the announcing
+        # agent's workers, so the workers of all agents must start a round together (see spare.py)
+        self._spares = (SparePool(cfg.command, self._control_dir / "spares", cfg.preload)
+                        if cfg.spares and cfg.max_nodes == 1 and SparePool.usable(cfg.command) else None)
 
     # -- setup ----------------------------------------------------------------------
     def _open_store(self) -> KVStore:
@@ -96,6 +101,8 @@ class Agent:
         try:
             return self._loop(handler)
         finally:
+            if self._spares is not None:
+                self._spares.close()
             handler.leave()
             if self.metrics is not None:
                 self.metrics.close()
@@ -118,7 +125,8 @@ class Agent:
     def _start(self, a: Any) -> WorkerGroup:
         master = (a.master.addr, a.master.port)
         envs = worker_envs(self.cfg, a.rank, a.world, master, a.round, self.restarts)
-        spec = WorkerSpec(self.cfg.command, {}, self._control_dir / f"round-{a.round}", self.cfg.grace)
+        spec = WorkerSpec(self.cfg.command, {}, self._control_dir / f"round-{a.round}", self.cfg.grace,
+                          spares=self._spares)
         group = WorkerGroup(spec, envs)
         group.start()
         self.log.info("started %d worker(s): world %d x %d, master %s:%d", len(envs), a.world,
@@ -175,27 +183,56 @@ class Agent:
             try:
                 entry = self._open_store().get(key)
                 if entry is not None:
-                    events.put((STOP_AT, json.loads(entry.value)["at"]))
+                    events.put((STOP_AT, json.loads(entry.value)))
                     return
                 index = self._open_store().wait(key, index, 2.0).index
             except Exception as exc:  # store down: keep training, try again
                 self.log.debug("stop-key watch: %s", exc)
                 time.sleep(1.0)
 
-    def _announce_stop(self, round_: int, group: WorkerGroup) -> int:
-        """Publish the step at which every rank of this round stops (the first announcement wins)."""
-        at = group.stop_step(lead_time=0.5)
-        key = self._key(f"stop/{round_}")
+    def _announce_stop(self, round_: int, group: WorkerGroup, leaving: bool) -> dict[str, Any]:
+        """Publish (or join) this round's planned stop: the step every rank stops at (the first
+        announcement wins) and the agents that leave afterwards; returns the record."""
+        key, me = self._key(f"stop/{round_}"), self.cfg.node
         store = self._open_store()
-        try:
-            store.cas(key, json.dumps({"at": at, "by": self.cfg.node}).encode(), 0)
-        except CASConflict:
-            entry = store.get(key)
-            at = json.loads(entry.value)["at"] if entry else at
-        except KVUnavailable as exc:
-            self.log.warning("cannot announce the stop step to the other agents (%s); stopping locally", exc)
-        self.log.info("planned stop of round %d at step %d", round_, at)
-        return at
+        record = {"at": group.stop_step(lead_time=0.5), "by": me, "leaving": [me] if leaving else []}
+        for _ in range(50):
+            try:
+                entry = store.get(key)
+                if entry is None:
+                    store.cas(key, json.dumps(record).encode(), 0)
+                    break
+                record = json.loads(entry.value)
+                if not leaving or me in record["leaving"]:
+                    break
+                record["leaving"].append(me)
+                store.cas(key, json.dumps(record).encode(), entry.mod_index)
+                break
+            except CASConflict:
+                continue
+            except KVUnavailable as exc:
+                self.log.warning("cannot announce the stop to the other agents (%s); stopping locally", exc)
+                break
+        self.log.info("planned stop of round %d at step %d%s", round_, record["at"],
+                      f"; leaving: {record['leaving']}" if record["leaving"] else "")
+        return record
+
+    def _await_leavers(self, round_: int, timeout: float) -> None:
+        """Before rejoining, wait until the agents leaving after this planned stop are gone, so the
+        next round is formed without them (a blocking watch on the members, bounded)."""
+        store, deadline = self._open_store(), time.monotonic() + timeout
+        index = 0
+        while time.monotonic() < deadline:
+            try:
+                entry = store.get(self._key(f"stop/{round_}"))
+                leaving = json.loads(entry.value)["leaving"] if entry else []
+                present = [n for n in leaving if store.get(self._key(f"members/{n}")) is not None]
+                if not present:
+                    return
+                index = store.wait(self._key("members/"), index, min(2.0, deadline - time.monotonic())).index
+            except KVUnavailable:
+                time.sleep(0.5)
+        self.log.warning("agents %s announced they leave but are still registered; rejoining anyway", present)
 
     # -- reactions ----------------------------------------------------------------------
     def _react(self, outcome: str, detail: Any, group: WorkerGroup, handler: Any, a: Any) -> int | None:
@@ -204,14 +241,14 @@ class Agent:
             self._mark("done", a.round)
             group.stop(planned=False)
             return 0
-        if outcome == STOP:
-            group.stop(planned=True, at_step=self._announce_stop(a.round, group))
+        if outcome in (STOP, JOIN_PENDING, STOP_AT):
+            leaving = self._stop.is_set()  # SIGTERM, possibly while another agent's stop is under way
+            record = self._announce_stop(a.round, group, leaving)
+            group.stop(planned=True, at_step=record["at"])
             self._count_exits(group, "planned")
-            return 0
-        if outcome in (JOIN_PENDING, STOP_AT):
-            at = self._announce_stop(a.round, group) if outcome == JOIN_PENDING else detail
-            group.stop(planned=True, at_step=at)
-            self._count_exits(group, "planned")
+            if leaving:
+                return 0  # leaving the rendezvous (in run()) lets the others form the next round
+            self._await_leavers(a.round, self.cfg.grace + 4 * self.cfg.ttl)
             handler.request_new_round()
             return None
         if outcome == PEER_LOST:

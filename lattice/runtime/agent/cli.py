@@ -8,6 +8,7 @@ from typing import Any
 
 from ...core.errors import ConfigError
 from .config import AgentConfig, parse_nnodes
+from .spare import DEFAULT_PRELOAD
 
 BACKENDS = ("embedded", "consul", "etcd")
 
@@ -28,6 +29,10 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttl", type=float, default=10.0, help="rendezvous session TTL in seconds")
     p.add_argument("-m", dest="module", action="store_true", help="run the script argument as a module (python -m)")
     p.add_argument("--no-python", action="store_true", help="run the script directly, not with the Python interpreter")
+    p.add_argument("--no-spares", action="store_true",
+                   help="restart workers as fresh processes (default, in single-agent jobs: in a warm spare that has imported torch)")
+    p.add_argument("--spare-preload", default=",".join(DEFAULT_PRELOAD),
+                   help=f"comma-separated modules each spare imports while it waits (default {','.join(DEFAULT_PRELOAD)})")
     p.add_argument("script", help="the training script (or module with -m)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
 
@@ -52,7 +57,9 @@ def config_from_args(args: argparse.Namespace, require_endpoint: bool = False) -
     return AgentConfig(command=command, min_nodes=lo, max_nodes=hi, nproc_per_node=args.nproc_per_node,
                        max_restarts=args.max_restarts, backend=args.rdzv_backend, endpoint=args.rdzv_endpoint,
                        job=args.rdzv_id, checkpoint_dir=os.path.abspath(ckpt), metrics_port=args.metrics_port,
-                       addr=args.node_addr, last_call=args.last_call, grace=args.grace, ttl=args.ttl)
+                       addr=args.node_addr, last_call=args.last_call, grace=args.grace, ttl=args.ttl,
+                       spares=not args.no_spares,
+                       preload=tuple(m.strip() for m in args.spare_preload.split(",") if m.strip()))
 
 
 def _check_reachable(cfg: AgentConfig) -> None:

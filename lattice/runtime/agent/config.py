@@ -9,6 +9,7 @@ import socket
 import uuid
 
 from ...core.errors import ConfigError
+from .spare import DEFAULT_PRELOAD
 
 
 def parse_nnodes(text: str) -> tuple[int, int]:
@@ -42,6 +43,8 @@ class AgentConfig:
     grace: float = 30.0
     metrics_port: int | None = None
     min_session_ttl: float = 10.0
+    spares: bool = True  # restart workers in warm spare processes (single-agent jobs; see spare.py)
+    preload: tuple[str, ...] = DEFAULT_PRELOAD  # modules a spare imports while it waits
 
     def __post_init__(self) -> None:
         if not self.command:

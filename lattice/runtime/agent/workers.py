@@ -1,6 +1,8 @@
 """The local worker processes of one agent: start, watch, stop, and prefix their output by rank.
 
-Each worker runs in its own process group so a stop reaches everything it started.
+Each worker runs in its own process group so a stop reaches everything it started, and gets
+SIGKILL when the agent dies (PDEATHSIG). With a ``SparePool`` in the spec a worker starts in a
+warm spare process that has already imported torch (see ``spare``), else with ``Popen``.
 A planned stop asks the workers (through the control channel) to checkpoint at their next
 step and exit; a worker that does not answer within the grace period gets SIGTERM, then
 SIGKILL.
@@ -9,6 +11,7 @@ SIGKILL.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -22,9 +25,11 @@ from pathlib import Path
 from typing import IO
 
 from ...core.control import ControlFile
+from .spare import MARK, SparePool, die_with_parent
 
 log = logging.getLogger("lattice.agent")
 STOP_MARGIN = 2  # steps past the furthest worker at which a planned stop takes effect
+REFILL_AFTER = 5.0  # seconds after the start at which used spares are replaced even without a step
 
 
 @dataclasses.dataclass
@@ -35,6 +40,7 @@ class WorkerSpec:
     base_env: Mapping[str, str]
     control_dir: Path
     grace: float = 30.0  # seconds a worker gets to checkpoint and exit after a planned stop
+    spares: SparePool | None = None  # warm spare processes to start workers in (None: Popen)
 
 
 @dataclasses.dataclass
@@ -46,15 +52,6 @@ class Worker:
     pumps: list[threading.Thread]
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL when the agent dies (Linux), so no worker outlives a killed agent."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 class WorkerGroup:
     """The ``nproc`` workers this agent runs for one round."""
 
@@ -64,23 +61,41 @@ class WorkerGroup:
         self.workers: list[Worker] = []
         self._samples: list[tuple[float, int]] = []
         self._lock = threading.Lock()
+        self._started = 0.0
+        self._refilled: set[int] = set()  # local ranks whose next spare has been started
 
     def start(self) -> None:
+        self._started = time.monotonic()
         for env in self.envs:
             local, rank = int(env["LOCAL_RANK"]), int(env["RANK"])
             control = ControlFile.create(self.spec.control_dir / f"worker-{local}.ctl")
             full = {**os.environ, **self.spec.base_env, **env, "LATTICE_CONTROL": str(control.path),
                     "PYTHONUNBUFFERED": "1"}
-            proc = subprocess.Popen(list(self.spec.command), env=full, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
-            pumps = [self._pump(proc.stdout, rank, self.out), self._pump(proc.stderr, rank, sys.stderr)]
+            proc = None
+            if self.spec.spares is not None:
+                proc = self.spec.spares.launch(local, self.spec.command, full)
+            spare = proc is not None
+            if proc is None:
+                proc = subprocess.Popen(list(self.spec.command), env=full, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, start_new_session=True,
+                                        preexec_fn=functools.partial(die_with_parent, os.getpid()))
+            log.debug("local rank %d: pid %d (%s)", local, proc.pid, "spare" if spare else "new process")
+            pumps = [self._pump(proc.stdout, rank, self.out, spare), self._pump(proc.stderr, rank, sys.stderr, spare)]
             self.workers.append(Worker(local, rank, proc, control, pumps))
 
-    def _pump(self, stream: IO[bytes] | None, rank: int, sink: IO[str]) -> threading.Thread:
+    def _pump(self, stream: IO[bytes] | None, rank: int, sink: IO[str], spare: bool = False) -> threading.Thread:
+        """Copy ``stream`` to ``sink`` line by line, prefixed by rank; from a spare, only what
+        follows its handoff marker."""
+
         def run() -> None:
             assert stream is not None
+            waiting = spare
             for raw in iter(stream.readline, b""):
+                if waiting:  # the spare's own output, e.g. warnings of its imports: not the worker's
+                    waiting = not raw.endswith(MARK)
+                    if raw != MARK:
+                        log.debug("spare for rank %d wrote before its handoff: %r", rank, raw[:200])
+                    continue
                 line = raw.decode(errors="replace").rstrip("\n")
                 with self._lock:
                     sink.write(f"[rank{rank}]: {line}\n")
@@ -92,8 +107,22 @@ class WorkerGroup:
         return t
 
     def poll(self) -> dict[int, int | None]:
-        """Exit code per local rank (``None`` while running)."""
+        """Exit code per local rank (``None`` while running); replaces used spares when due.
+
+        Call from the thread that started the group (spares get PDEATHSIG from that thread).
+        """
+        self._refill()
         return {w.local_rank: w.proc.poll() for w in self.workers}
+
+    def _refill(self) -> None:
+        """Start a worker's next spare once it completed a step (or REFILL_AFTER s after the start)."""
+        if self.spec.spares is None or len(self._refilled) == len(self.workers):
+            return
+        late = time.monotonic() - self._started > REFILL_AFTER
+        for w in self.workers:
+            if w.local_rank not in self._refilled and (late or w.control.step > 0):
+                self._refilled.add(w.local_rank)
+                self.spec.spares.fill_slot(w.local_rank)
 
     def steps(self) -> dict[int, int]:
         """The last step each worker reported through its control file."""
