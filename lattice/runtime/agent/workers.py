@@ -156,7 +156,10 @@ class WorkerGroup:
     def sample_rate(self) -> None:
         """Record (time, furthest step) so a planned stop can allow for the workers' pace."""
         now = time.monotonic()
-        self._samples.append((now, max((w.control.step for w in self.workers), default=0)))
+        steps = [w.control.step for w in self.workers]
+        if not steps or min(steps) == 0:
+            return  # before every worker's first step the counter jumps to the restored step: not pace
+        self._samples.append((now, max(steps)))
         while len(self._samples) > 2 and now - self._samples[0][0] > 3.0:
             self._samples.pop(0)
 
