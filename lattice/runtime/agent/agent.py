@@ -332,7 +332,30 @@ class Agent:
             self.metrics.worker_exits(cause, len(group.workers))
 
 
+class _Context(logging.Filter):
+    """Gives every ``lattice.*`` log line of this process the agent's job, node, round and rank
+    (lines from helpers that lack them get the prefix; rendezvous lines get the rank added)."""
+
+    def __init__(self, extra: dict[str, Any]):
+        super().__init__()
+        self.extra = extra  # the agent's live context (round and rank change)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("lattice"):
+            e, msg = self.extra, str(record.msg)
+            if not msg.startswith("[job="):
+                record.msg = f"[job={e['job']} node={e['node']} round={e['round']} rank={e['rank']}] {msg}"
+            elif "rank=" not in msg.split("]", 1)[0]:
+                head, rest = msg.split("]", 1)
+                record.msg = f"{head} rank={e['rank']}]{rest}"
+        return True
+
+
 def main(cfg: AgentConfig) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return Agent(cfg).run()
+    agent = Agent(cfg)
+    context = _Context(agent.log.extra)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(context)
+    return agent.run()
