@@ -146,3 +146,14 @@ def adapter_errors() -> list[str]:
 
 
 atexit.register(close)
+
+
+def _auto_from_env() -> None:
+    """``LATTICE_AUTO=1``: importing lattice also installs transparent mode (``lattice.auto``)."""
+    import os
+
+    if os.environ.get("LATTICE_AUTO", "").strip().lower() in ("1", "true", "yes", "on"):
+        from . import auto  # noqa: F401  (installs the patches on import)
+
+
+_auto_from_env()

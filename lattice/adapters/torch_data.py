@@ -9,6 +9,9 @@ the epoch has the same order, then skips the consumed batches at the index level
 map-style datasets the skipped samples are never loaded. The global RNG is left exactly as
 restored, so training after the resume draws the same numbers as an uninterrupted run.
 
+Transparent mode (``torch_auto``) hooks each ``iter(loader)`` and each batch request through
+``_Position.auto``.
+
 Limits: an ``IterableDataset`` cannot skip by index, so its consumed batches are read and
 dropped (logged once); with ``num_workers > 0`` randomness inside the workers (random
 augmentation) follows the worker seeds, which restart with the epoch's iterator.
@@ -48,6 +51,7 @@ class _Position:
         self.sampler_rng: dict[str, Any] | None = None
         self.resume: dict[str, Any] | None = None
         self.wrapper: _IndexSampler | None = None
+        self.auto: Any = None  # transparent mode's hooks (torch_auto.LoaderHooks), else None
 
 
 class _IndexSampler:
@@ -113,6 +117,8 @@ class _Counting:
         return len(self._it)
 
     def __next__(self) -> Any:
+        if self._pos.auto is not None:
+            self._pos.auto.before_next()
         try:
             batch = next(self._it)
         except StopIteration:
@@ -132,6 +138,10 @@ def _index_sampler(self: Any, base: type) -> Any:
 
 def _iter(self: Any, base: type) -> Any:
     pos: _Position = self._lattice_position
+    if pos.auto is not None:
+        skipped = pos.auto.before_iter()
+        if skipped is not None:
+            return skipped
     resume = pos.resume
     if resume is None:
         pos.base_rng, pos.epoch, pos.batches, pos.exhausted = _rng(self), pos.epoch + 1, 0, False

@@ -81,6 +81,15 @@ class Session:
             self._restore(new)
         return self.state
 
+    def restore_now(self, names: list[str] | None = None) -> Restored | None:
+        """Restore registered items (all by default) now, for items registered with ``restore=False``.
+
+        The first call picks the newest good checkpoint (and sets ``step``); later calls read
+        the same one, so items can be restored at different moments (transparent mode).
+        """
+        self._restore({n: self.items[n] for n in (self.items if names is None else names)})
+        return self.restored
+
     def _fit_policy(self, config: Config) -> Config:
         """With several ranks every rank must checkpoint the same steps: no time-based or skipped ones."""
         if self.ranks.world == 1:

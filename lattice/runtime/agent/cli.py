@@ -33,6 +33,9 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
                    help="restart workers as fresh processes (default, in single-agent jobs: in a warm spare that has imported torch)")
     p.add_argument("--spare-preload", default=",".join(DEFAULT_PRELOAD),
                    help=f"comma-separated modules each spare imports while it waits (default {','.join(DEFAULT_PRELOAD)})")
+    p.add_argument("--auto", action="store_true",
+                   help="transparent mode: run an unmodified PyTorch script under `python -m lattice.auto`, "
+                        "which checkpoints and resumes it (docs/transparent.md); LATTICE_AUTO=0 turns it off")
     p.add_argument("script", help="the training script (or module with -m)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
 
@@ -47,18 +50,22 @@ def config_from_args(args: argparse.Namespace, require_endpoint: bool = False) -
     if require_endpoint and not args.rdzv_endpoint:
         raise ConfigError("lattice agent needs --rdzv-endpoint HOST:PORT (start one with `lattice rendezvous serve`)")
     lo, hi = parse_nnodes(args.nnodes)
+    auto = getattr(args, "auto", False)
+    if auto and args.no_python:
+        raise ConfigError("--auto runs the script with Python (python -m lattice.auto); it cannot be used with --no-python")
+    runner = ["-m", "lattice.auto"] if auto else []
     if args.module:
-        command = [sys.executable, "-u", "-m", args.script, *args.args]
+        command = [sys.executable, "-u", *runner, "-m", args.script, *args.args]
     elif args.no_python:
         command = [args.script, *args.args]
     else:
-        command = [sys.executable, "-u", args.script, *args.args]
+        command = [sys.executable, "-u", *runner, args.script, *args.args]
     ckpt = args.checkpoint_dir or os.environ.get("LATTICE_CHECKPOINT_DIR", "checkpoints")
     return AgentConfig(command=command, min_nodes=lo, max_nodes=hi, nproc_per_node=args.nproc_per_node,
                        max_restarts=args.max_restarts, backend=args.rdzv_backend, endpoint=args.rdzv_endpoint,
                        job=args.rdzv_id, checkpoint_dir=os.path.abspath(ckpt), metrics_port=args.metrics_port,
                        addr=args.node_addr, last_call=args.last_call, grace=args.grace, ttl=args.ttl,
-                       spares=not args.no_spares,
+                       spares=not args.no_spares, auto=auto,
                        preload=tuple(m.strip() for m in args.spare_preload.split(",") if m.strip()))
 
 

@@ -45,6 +45,7 @@ class AgentConfig:
     min_session_ttl: float = 10.0
     spares: bool = True  # restart workers in warm spare processes (single-agent jobs; see spare.py)
     preload: tuple[str, ...] = DEFAULT_PRELOAD  # modules a spare imports while it waits
+    auto: bool = False  # transparent mode: the command runs the script under `python -m lattice.auto`
 
     def __post_init__(self) -> None:
         if not self.command:
