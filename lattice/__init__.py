@@ -39,8 +39,8 @@ from .core.state import State
 __version__ = "0.1.0"
 __all__ = [
     "Adapter", "ArrayCodec", "CheckpointError", "Config", "ConfigError", "CorruptCheckpointError",
-    "LatticeError", "PluginError", "Session", "State", "StateMismatchError", "UnsupportedObjectError",
-    "adapter_errors", "adapters", "checkpoint", "close", "configure", "new_session", "register",
+    "ElasticSampler", "LatticeError", "PluginError", "Session", "State", "StateMismatchError", "UnsupportedObjectError",
+    "adapter_errors", "adapters", "checkpoint", "close", "configure", "new_session", "on_resize", "register",
     "register_adapter", "session", "step", "wait",
 ]
 
@@ -127,6 +127,24 @@ def close() -> None:
             _session.close()
         _session = None
         _options.clear()
+
+
+def on_resize(fn: Any) -> Any:
+    """Call ``fn(old_world, new_world)`` once when the restored checkpoint was written by a different
+    number of ranks (at restore, or now if the restore already happened). Usable as a decorator.
+
+    Use it to rescale the learning rate or gradient accumulation; the default policy is to keep
+    the global batch constant: ``ElasticSampler.per_rank_batch(global_batch, new_world)``.
+    """
+    return session().on_resize(fn)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ElasticSampler":  # imports torch: only on use
+        from .adapters.torch_elastic import ElasticSampler
+
+        return ElasticSampler
+    raise AttributeError(f"module 'lattice' has no attribute {name!r}")
 
 
 def register_adapter(adapter: Any, *, replace: bool = False) -> Any:

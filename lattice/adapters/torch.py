@@ -15,6 +15,7 @@ import torch
 from ..core.adapter import Adapter
 from ..core.errors import StateMismatchError
 from .torch_data import DataLoaderAdapter
+from .torch_elastic import ElasticSamplerAdapter
 
 _DTYPES: dict[torch.dtype, str] = {
     torch.float64: "float64", torch.float32: "float32", torch.float16: "float16",
@@ -182,4 +183,4 @@ class TorchRNGAdapter(Adapter):
 
 ARRAY_CODECS = [TorchCodec()]
 ADAPTERS = [ModuleAdapter, OptimizerAdapter, SchedulerAdapter, GradScalerAdapter, TensorAdapter,
-            TorchRNGAdapter, DataLoaderAdapter]
+            TorchRNGAdapter, DataLoaderAdapter, ElasticSamplerAdapter]

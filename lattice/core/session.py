@@ -23,7 +23,7 @@ from .control import ControlFile
 from .errors import CheckpointError, ConfigError, CorruptCheckpointError
 from .persist import Persister
 from .ranks import Ranks, cleanup_old_rounds
-from .restore import Restored, restore_from
+from .restore import Restored, read_manifest, restore_from
 from .snapshot import Buffers, Item, fill, plan
 from .state import State
 from .storage import LocalDirectory
@@ -50,6 +50,8 @@ class Session:
         self.restored: Restored | None = None
         self._restore_path: Path | None = None
         self._restore_checked = False
+        self.restored_world: int | None = None  # world size of the restored checkpoint
+        self._resize_hooks: list[Any] = []
         self._buffers = Buffers()
         self._persister = Persister(self.storage, config.keep)
         self._persister.part_timeout = config.part_timeout
@@ -90,6 +92,21 @@ class Session:
         self._restore({n: self.items[n] for n in (self.items if names is None else names)})
         return self.restored
 
+    def on_resize(self, fn: Any) -> Any:
+        """Call ``fn(old_world, new_world)`` once if the restored checkpoint's world size differs.
+
+        Registered before the restore: called at restore time; after it: called now.
+        """
+        self._resize_hooks.append(fn)
+        if self.restored_world is not None:
+            self._call_resize(fn)
+        return fn
+
+    def _call_resize(self, fn: Any) -> None:
+        if self.restored_world is not None and self.restored_world != self.ranks.world:
+            log.info("world size changed from %d to %d since the checkpoint", self.restored_world, self.ranks.world)
+            fn(self.restored_world, self.ranks.world)
+
     def _fit_policy(self, config: Config) -> Config:
         """With several ranks every rank must checkpoint the same steps: no time-based or skipped ones."""
         if self.ranks.world == 1:
@@ -117,6 +134,9 @@ class Session:
             if self.restored:
                 self._restore_path = self.restored.path
                 self.step = self.restored.step
+                self.restored_world = int(read_manifest(self.restored.path).get("world_size", 1))
+                for fn in self._resize_hooks:
+                    self._call_resize(fn)
         elif self._restore_path is not None:
             late = restore_from(self._restore_path, new, self.codecs, self.ranks)
             self._apply(late, new)
