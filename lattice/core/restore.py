@@ -1,8 +1,8 @@
 """Restore: the newest committed checkpoint that verifies, read straight into the registered objects.
 
 Array data is read from the data file directly into the registered objects' own memory
-where shape and dtype match (no intermediate copy), while a second thread checks the
-crc32c of every byte. A missing, truncated or corrupt file raises
+where shape and dtype match (no intermediate copy, one thread per part of the file), and the
+crc32c of every byte is checked. A missing, truncated or corrupt file raises
 ``CorruptCheckpointError``; the caller then falls back to the previous checkpoint.
 A shape, dtype, key or adapter mismatch is the user's to fix and is raised at once.
 """
@@ -14,8 +14,8 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
-import mmap
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,10 @@ from .snapshot import Item
 from .tree import array_nodes, decode, live_arrays, path_str
 
 log = logging.getLogger("lattice")
-CHUNK = 64 << 20
+CHUNK = 64 << 20  # verify_file's read size
+BLOCK = 1 << 20  # restore: read, then checksum while in cache
+THREADS = 4  # restore: at most this many reader threads (and no more than the CPUs)
+MIN_PART = 64 << 20  # ... and no more than one per this many bytes
 
 
 @dataclasses.dataclass
@@ -153,67 +156,110 @@ def _resolve(value: Any) -> Any:
 
 
 def read_data(path: Path, manifest: dict[str, Any], plan_for: Any, name: str = fmt.DATA) -> _Plan:
-    """Map a data file, build the plan with ``plan_for(header)``, copy and verify every byte.
+    """Read a data file, build the plan with ``plan_for(header)``, read and verify every byte.
 
-    The file is memory-mapped and walked in ``CHUNK`` windows: the main thread copies each
-    window's arrays into their destinations while a second thread checksums the window
-    before it, then drops it from this process's mapping (it stays in the page cache), so
-    resident memory does not grow with the file.
+    The arrays are read with ``preadv`` straight into their destinations (one copy out of the
+    page cache, no mapping, no intermediate buffer). The file is split into one contiguous part
+    per thread (up to ``THREADS``, each with its own descriptor, so readahead sees a sequential
+    stream); each thread reads its part in ``BLOCK`` pieces and checksums every piece right
+    after reading it, while it is still in cache. The parts' crc32c values are then combined
+    into the file's and compared with the manifest.
     """
     if name not in manifest["files"]:
         raise CorruptCheckpointError(str(path), name, "is not listed in the manifest")
     expect = manifest["files"][name]
-    with open(path / name, "rb", buffering=0) as f:
+    file = path / name
+    with open(file, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8 or size != expect["size"]:
             raise CorruptCheckpointError(str(path), name, f"has a bad size: {size} bytes, manifest says {expect['size']}")
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        mapped.madvise(mmap.MADV_SEQUENTIAL)
-        src = np.frombuffer(mapped, dtype=np.uint8)
         try:
-            header, start = fmt.read_header(bytes(src[:8]), lambda n: bytes(src[8:8 + n]))
+            header, start = fmt.read_header(os.pread(f.fileno(), 8, 0), lambda n: os.pread(f.fileno(), n, 8))
         except (ValueError, UnicodeDecodeError) as exc:
             raise CorruptCheckpointError(str(path), name, f"has a bad header: {exc}") from None
-        plan = plan_for(header)
-        value = _copy_and_check(mapped, src, start, plan.reads, f"restore {path.name}", (path, name))
-    finally:
-        src = None  # the mapping goes once nothing refers to it
+    plan = plan_for(header)
+    value = _read_and_check(file, size, start, plan.reads, f"restore {path.name}", (path, name))
     if value != expect["crc32c"]:
         raise CorruptCheckpointError(str(path), name, "crc32c mismatch (the file is corrupt)")
     return plan
 
 
-def _copy_and_check(mapped: mmap.mmap, src: np.ndarray, start: int, reads: list[_Read], label: str,
+def _threads(size: int) -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(THREADS, cpus, size // MIN_PART))
+
+
+def _read_and_check(file: Path, size: int, start: int, reads: list[_Read], label: str,
                     where: tuple[Path, str]) -> int:
-    """Copy ``reads`` (offsets from ``start``) out of ``src`` window by window; returns the file's crc32c."""
-    pending = _ordered(reads, start, src.size, where)
-    crc = _Crc(0)
+    """Read ``reads`` (offsets from ``start``) out of ``file`` into their views; returns the file's crc32c.
 
-    def check(begin: int, end: int) -> None:
-        crc.add(src[begin:end])
-        try:
-            mapped.madvise(mmap.MADV_DONTNEED, begin, end - begin)
-        except (OSError, ValueError):
-            pass  # only a hint: the pages stay mapped
+    Every byte of the file is checksummed, including the header and any gaps between arrays
+    (read into a scratch buffer).
+    """
+    pieces = _cover(_ordered(reads, start, size, where), size)
+    n = _threads(size)
+    cuts = [0] + [(size * i // n) & ~(BLOCK - 1) for i in range(1, n)] + [size]
+    lock = threading.Lock()
 
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lattice-crc") as pool, \
-            Progress(label, src.size) as progress:
-        jobs = []
-        for begin in range(0, src.size, CHUNK):
-            end = min(begin + CHUNK, src.size)
-            while pending and pending[0][0] < end:
-                a, b, view = pending[0]
-                lo, hi = max(a, begin), min(b, end)
-                np.copyto(view[lo - a:hi - a], src[lo:hi])
-                if b > end:
-                    break
-                pending.popleft()
-            jobs.append(pool.submit(check, begin, end))
-            progress.update(end - begin)
-        for job in jobs:
-            job.result()
-    return crc.value
+    with Progress(label, size) as progress:
+
+        def part(lo: int, hi: int) -> int:
+            crc, scratch = 0, None
+            fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_SEQUENTIAL)
+                for a, b, view in pieces:
+                    pos, stop = max(a, lo), min(b, hi)
+                    while pos < stop:
+                        end = min(pos + BLOCK, stop)
+                        if view is None:
+                            if scratch is None:
+                                scratch = np.empty(BLOCK, dtype=np.uint8)
+                            buf = scratch[:end - pos]
+                        else:
+                            buf = view[pos - a:end - a]
+                        if os.preadv(fd, [buf], pos) != end - pos:
+                            raise CorruptCheckpointError(str(where[0]), where[1], "ends early (truncated)")
+                        crc = crc32c.crc32c(buf, crc)
+                        with lock:
+                            progress.update(end - pos)
+                        pos = end
+            finally:
+                os.close(fd)
+            return crc
+
+        if n == 1:
+            return part(0, size)
+        with concurrent.futures.ThreadPoolExecutor(n - 1, thread_name_prefix="lattice-read") as pool:
+            jobs = [pool.submit(part, cuts[i], cuts[i + 1]) for i in range(1, n)]
+            try:
+                crcs = [part(cuts[0], cuts[1])]
+            finally:
+                concurrent.futures.wait(jobs)
+            crcs += [job.result() for job in jobs]
+    value = crcs[0]
+    for i in range(1, n):
+        value = crc32c_combine(value, crcs[i], cuts[i + 1] - cuts[i])
+    return value
+
+
+def _cover(reads: collections.deque[tuple[int, int, np.ndarray]],
+           size: int) -> list[tuple[int, int, np.ndarray | None]]:
+    """``reads`` plus the stretches between them (``None``: read into scratch), covering the whole file."""
+    out: list[tuple[int, int, np.ndarray | None]] = []
+    pos = 0
+    for a, b, view in reads:
+        if a > pos:
+            out.append((pos, a, None))
+        out.append((a, b, view))
+        pos = b
+    if pos < size:
+        out.append((pos, size, None))
+    return out
 
 
 def _ordered(reads: list[_Read], start: int, size: int,
@@ -232,12 +278,35 @@ def _ordered(reads: list[_Read], start: int, size: int,
     return out
 
 
-class _Crc:
-    def __init__(self, value: int):
-        self.value = value
+_POLY = 0x82F63B78  # crc32c, reflected
 
-    def add(self, data: Any) -> None:
-        self.value = crc32c.crc32c(data, self.value)
+
+def _mulmod(a: int, b: int) -> int:
+    """a * b modulo the crc32c polynomial (reflected bit order)."""
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+_X2N = [1 << 30]  # x^(2^k) modulo the polynomial
+for _ in range(63):
+    _X2N.append(_mulmod(_X2N[-1], _X2N[-1]))
+
+
+def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The crc32c of A + B from crc32c(A), crc32c(B) and len(B) (as zlib's crc32_combine)."""
+    p, k, n = 1 << 31, 3, len2  # x^(8 * len2): bits, so start at 2^3
+    while n:
+        if n & 1:
+            p = _mulmod(_X2N[k], p)
+        n >>= 1
+        k += 1
+    return _mulmod(p, crc1) ^ crc2
 
 
 def restore_from(path: Path, items: dict[str, Item], codecs: Codecs = CODECS,
