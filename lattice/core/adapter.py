@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from .arrays import CODECS, Codecs
@@ -142,12 +142,3 @@ class AdapterRegistry:
                 f"(known: {known}); install or import the package that provides it"
             ) from None
 
-
-def adapter_for(registry: AdapterRegistry, name: str | None, obj: Any, item: str) -> Any:
-    """The adapter to use for ``obj``: the named one if given (and it handles obj), else resolved."""
-    if name is None:
-        return registry.resolve(obj, item)
-    return registry.by_name(name)
-
-
-AdapterFactory = Callable[[], Any]

@@ -8,15 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import crc32c
-
 from . import fmt
 from .errors import ConfigError, CorruptCheckpointError
-from .progress import Progress
-from .restore import check_sizes, read_manifest, read_tree
+from .restore import check_sizes, read_manifest, read_tree, verify_file
 from .storage import CORRUPT_TAG, TMP_TAG, LocalDirectory
-
-CHUNK = 64 << 20
 
 
 @dataclasses.dataclass
@@ -79,15 +74,8 @@ def verify(path: Path, progress: bool = True) -> None:
     """Check every file's size and crc32c and the tree/header consistency; raise on damage."""
     manifest = read_manifest(path)
     check_sizes(path, manifest)
-    for name, info in manifest["files"].items():
-        crc = 0
-        with open(path / name, "rb", buffering=0) as f, \
-                Progress(f"verify {path.name}/{name}", info["size"], threshold=(1 << 30) if progress else 1 << 62) as bar:
-            while chunk := f.read(CHUNK):
-                crc = crc32c.crc32c(chunk, crc)
-                bar.update(len(chunk))
-        if crc != info["crc32c"]:
-            raise CorruptCheckpointError(str(path), name, "crc32c mismatch (the file is corrupt)")
+    for name in manifest["files"]:
+        verify_file(path, manifest, name, progress)
     tree = read_tree(path, manifest)
     with open(path / fmt.DATA, "rb") as f:
         try:

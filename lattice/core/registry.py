@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from importlib import metadata
 from typing import Generic, TypeVar
 
-from .errors import ConfigError, PluginError
+from .errors import ConfigError
 
 log = logging.getLogger("lattice")
 T = TypeVar("T")
@@ -85,8 +85,3 @@ class Registry(Generic[T]):
             self.errors.append((ep.name, msg))
             log.error(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
-
-    def raise_errors(self) -> None:
-        """Raise ``PluginError`` if any plugin failed to load (for strict callers and the CLI)."""
-        if self.errors:
-            raise PluginError("; ".join(m for _, m in self.errors))

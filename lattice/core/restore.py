@@ -352,15 +352,19 @@ def _restore_source(path: Path, manifest: dict[str, Any], source: Source, items:
     return objects
 
 
-def verify_file(path: Path, manifest: dict[str, Any], name: str) -> None:
-    """Check one file's crc32c against the manifest (read in chunks, nothing loaded)."""
+def verify_file(path: Path, manifest: dict[str, Any], name: str, progress: bool = False) -> None:
+    """Check one file's crc32c against the manifest (read in chunks, nothing loaded);
+    with ``progress``, files of 1 GiB or more show a progress line."""
     info = manifest["files"].get(name)
     if info is None:
         raise CorruptCheckpointError(str(path), name, "is not listed in the manifest")
     crc = 0
-    with open(path / name, "rb", buffering=0) as f:
+    threshold = (1 << 30) if progress else 1 << 62
+    with open(path / name, "rb", buffering=0) as f, \
+            Progress(f"verify {path.name}/{name}", info["size"], threshold=threshold) as bar:
         while chunk := f.read(CHUNK):
             crc = crc32c.crc32c(chunk, crc)
+            bar.update(len(chunk))
     if crc != info["crc32c"]:
         raise CorruptCheckpointError(str(path), name, "crc32c mismatch (the file is corrupt)")
 

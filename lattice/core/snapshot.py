@@ -160,14 +160,6 @@ def _groups(items: dict[str, Item], ranks: Ranks) -> list[tuple[str, str, dict[s
     return groups
 
 
-def take(items: dict[str, Item], step: int, buffers: Buffers, codecs: Codecs = CODECS,
-         ranks: Ranks | None = None) -> Snapshot:
-    """Snapshot ``items`` at ``step`` into ``buffers`` (which must not be in use by a persist)."""
-    snap = plan(items, step, buffers, codecs, ranks)
-    fill(snap)
-    return snap
-
-
 def plan(items: dict[str, Item], step: int, buffers: Buffers, codecs: Codecs = CODECS,
          ranks: Ranks | None = None) -> Snapshot:
     """Lay out the snapshot of ``items`` at ``step``; nothing is copied until ``fill``."""
