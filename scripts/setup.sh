@@ -11,6 +11,6 @@ want=$(cat pyproject.toml constraints-dev.txt scripts/setup.sh | sha256sum | cut
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-echo "setup: installing lattice[dev,torch] into .venv (torch pinned by constraints-dev.txt)" >&2
-.venv/bin/python -m pip install -q -c constraints-dev.txt -e '.[dev,torch]'
+echo "setup: installing lattice[dev,all] into .venv (torch, tensorflow-cpu, jax, operator, s3, service) (torch pinned by constraints-dev.txt)" >&2
+.venv/bin/python -m pip install -q -c constraints-dev.txt -e '.[dev,all]'
 echo "$want" > "$stamp"
