@@ -1,9 +1,11 @@
-"""The ``lattice`` command: ``run``, ``agent``, ``rendezvous serve``, ``ckpt ls|inspect|verify``, ``demo``."""
+"""The ``lattice`` command: ``ckpt ls|inspect|verify`` and ``demo`` here; other parts add their own (see ``_COMMAND_MODULES``)."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
+import importlib.util
 import json
 import logging
 import signal
@@ -97,6 +99,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return elastic(args.workdir, steps=args.steps, sleep=args.sleep)
 
 
+# modules with ``add_cli(subparsers)``: each adds its top-level commands (``lattice run``, ...)
+_COMMAND_MODULES = (
+    "lattice.runtime.agent.cli",         # run, agent
+    "lattice.runtime.rendezvous.cli",    # rendezvous serve
+    "lattice.runtime.service.cli",       # checkpoint-service serve
+    "lattice.local.cli",                 # local apply|get|scale|delete
+)
+# modules with ``add_ckpt_cli(ckpt_subparsers)``: more ``lattice ckpt ...`` commands
+_CKPT_MODULES = (
+    "lattice.interop.cli",               # ckpt export|import (orbax, tf.train.Checkpoint)
+)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lattice", description="Elastic, fault-tolerant training.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -123,15 +138,12 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=6, help="--simple: epochs to train")
     demo.add_argument("--seed", type=int, default=None, help="--simple: seed for the kill point")
     demo.set_defaults(fn=cmd_demo)
-    from .runtime.agent.cli import add_cli as add_agent_cli
-
-    add_agent_cli(sub)
-    try:
-        from .runtime.rendezvous.cli import add_cli as add_rdzv_cli
-    except ImportError:  # pragma: no cover - during development of the rendezvous CLI
-        pass
-    else:
-        add_rdzv_cli(sub)
+    for module in _COMMAND_MODULES:
+        if importlib.util.find_spec(module) is not None:  # each part of Lattice adds its own commands
+            importlib.import_module(module).add_cli(sub)
+    for module in _CKPT_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).add_ckpt_cli(ckpt)
     return p
 
 
