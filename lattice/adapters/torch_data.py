@@ -105,10 +105,10 @@ class _IndexSampler:
 
 
 class _Counting:
-    """The loader's iterator, counting the batches it hands out."""
+    """The loader's iterator, counting the batches it hands out (and telling an elastic sampler)."""
 
-    def __init__(self, it: Any, pos: _Position):
-        self._it, self._pos = it, pos
+    def __init__(self, it: Any, pos: _Position, elastic: Any = None):
+        self._it, self._pos, self._elastic = it, pos, elastic
 
     def __iter__(self) -> _Counting:
         return self
@@ -123,8 +123,12 @@ class _Counting:
             batch = next(self._it)
         except StopIteration:
             self._pos.exhausted = True
+            if self._elastic is not None:
+                self._elastic.pass_done(self._pos.batches)
             raise
         self._pos.batches += 1
+        if self._elastic is not None:
+            self._elastic.delivered(self._pos.batches)
         return batch
 
 
@@ -143,9 +147,10 @@ def _iter(self: Any, base: type) -> Any:
         if skipped is not None:
             return skipped
     resume = pos.resume
+    elastic = _elastic(self)
     if resume is None:
         pos.base_rng, pos.epoch, pos.batches, pos.exhausted = _rng(self), pos.epoch + 1, 0, False
-        return _Counting(base.__iter__(self), pos)
+        return _Counting(base.__iter__(self), pos, elastic)
     current = _rng(self)
     _set_rng(self, resume["base_rng"])
     it = base.__iter__(self)
@@ -160,7 +165,23 @@ def _iter(self: Any, base: type) -> Any:
     pos.exhausted = False
     if iterable:
         pos.sampler_rng = resume["sampler_rng"]
-    return _Counting(it, pos)
+    return _Counting(it, pos, elastic)
+
+
+def _elastic(loader: Any) -> Any:
+    """The loader's elastic sampler, now driven by this loader's delivered batches, or None.
+
+    The loader's ``BatchSampler`` follows the sampler's batch size (the resize policy may
+    have changed it); ``loader.batch_size`` itself is read-only after construction.
+    """
+    sampler = getattr(loader, "sampler", None)
+    if not getattr(sampler, "lattice_elastic", False) or loader.batch_sampler is None:
+        return None
+    sampler = getattr(sampler, "elastic", sampler)  # transparent mode's DistributedSampler stand-in
+    sampler.driven_by_loader = True
+    if hasattr(loader.batch_sampler, "batch_size") and loader.batch_sampler.batch_size != sampler.batch_size:
+        loader.batch_sampler.batch_size = sampler.batch_size
+    return sampler
 
 
 _CLASSES: dict[type, type] = {}
@@ -221,3 +242,11 @@ class DataLoaderAdapter(Adapter):
         fresh = fresh or getattr(obj.sampler, "lattice_elastic", False)  # an ElasticSampler positions itself
         pos.resume = None if fresh else dict(tree)
         return obj
+
+    def companions(self, obj: Any) -> dict[str, Any]:
+        """An elastic sampler is registered with its loader, as ``<loader>_sampler``: its state is
+        the same on every rank (replicated), while the loader's own is per rank."""
+        sampler = getattr(obj, "sampler", None)
+        if getattr(sampler, "lattice_elastic", False):
+            return {"sampler": getattr(sampler, "elastic", sampler)}
+        return {}

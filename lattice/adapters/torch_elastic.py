@@ -1,29 +1,36 @@
 """Elastic data parallelism: a sampler whose epoch position is global, so it survives a world-size change.
 
-``ElasticSampler`` fixes each epoch's permutation by ``(seed, epoch)`` (a ``torch.Generator``,
-the same on every rank) and records how many samples of the epoch the whole job consumed
-(``consumed``). Rank ``r`` of world ``W`` takes, from the not-yet-consumed remainder of the
-permutation, the samples at positions ``r, r+W, r+2W, ...`` in whole batches: step ``k`` of
-the job consumes remainder positions ``[k*W*b, (k+1)*W*b)``, so after ``k`` steps
-``consumed = start + k*W*b`` on every rank. The state (epoch, consumed) is replicated: rank 0
-writes it once. A job restarted with ``W'`` ranks splits the rest of the epoch afresh, so
-every sample of an epoch is consumed exactly once across world-size changes.
+``ElasticSampler`` hands out the same indices as ``torch``'s ``DistributedSampler`` with the
+same ``(num_replicas, rank, shuffle, seed, drop_last)`` as long as the world size does not
+change (the epoch's permutation is ``randperm(n)`` seeded with ``seed + epoch``, padded by
+repeating its head to a multiple of ``W``, or cut to one with ``drop_last``; rank ``r`` takes
+positions ``r, r+W, r+2W, ...``). It also records how many samples of the epoch the whole job
+consumed (``consumed``): in whole steps, step ``k`` of a pass covers positions
+``[k*W*b, (k+1)*W*b)`` of the remainder, so after ``k`` steps ``consumed = start + k*W*b``
+(at most the remainder) on every rank. The state (epoch, consumed) is replicated: rank 0
+writes it once. A job restarted with ``W'`` ranks splits the rest of the epoch afresh
+(padded for ``W'``), so every sample of an epoch is consumed exactly once across world-size
+changes, except the up to ``W-1`` padding repeats of a pass's last step that
+``DistributedSampler`` also makes.
 
-The tail (fewer than ``W*b`` samples left): with ``drop_last`` it is dropped (not consumed;
-a later restart with fewer ranks may still use a whole step of it); otherwise it is one last
-short step: it is split round-robin, padded by repeating its first samples so every rank
-gets ``ceil(tail/W)`` samples (as ``DistributedSampler`` pads), so up to ``W-1`` samples
-of that step are seen twice.
+Consumption is counted in whole steps. Driven by a ``DataLoader`` that Lattice tracks (a
+registered loader, or any loader in transparent mode) it counts the batches the loader *handed
+to the training loop*, so batches that worker processes prefetched are not counted: exact with
+any ``num_workers``. Iterated directly (or by an untracked loader) it counts the indices it
+handed out, which is exact with ``num_workers=0``.
 
-Consumption is counted from the indices handed out (a step is the batch the index belongs
-to): exact for a ``DataLoader`` with ``num_workers=0``; with workers the loader prefetches, so
-checkpoints record up to the prefetched batches as consumed.
+Global batch policy: the sampler remembers the job's global batch (``world * batch_size`` when
+it first ran). Restored with a different world size, it keeps that global batch by default
+(``batch_size = global // world``) where the per-rank batch allows it (it divides evenly and
+is at most ``max_batch``); otherwise it logs a warning and uses the nearest per-rank batch
+that fits. A tracked loader follows the sampler's batch size.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,14 +49,17 @@ class ElasticSampler(Sampler[int]):
     ``rank``/``world`` default to ``RANK``/``WORLD_SIZE``. Call ``set_epoch(e)`` before each
     epoch like ``DistributedSampler``; setting the epoch it is already in keeps its position
     (so a resumed ``for epoch in range(start, n): sampler.set_epoch(epoch)`` continues).
-    ``batch_size`` is this rank's batch and must match the loader's; it may be changed between
-    steps (e.g. by an ``on_resize`` hook): ``consumed`` counts samples.
+    ``batch_size`` is this rank's batch and must match the loader's (a tracked loader follows
+    it); it may be changed between steps (e.g. by an ``on_resize`` hook): ``consumed`` counts
+    samples. ``keep_global_batch`` / ``max_batch`` (default ``LATTICE_MAX_RANK_BATCH``) set the
+    resize policy of the module doc.
     """
 
     lattice_elastic = True  # the DataLoader adapter leaves positioning to this sampler
 
     def __init__(self, dataset: Any, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False, rank: int | None = None, world: int | None = None):
+                 drop_last: bool = False, rank: int | None = None, world: int | None = None,
+                 keep_global_batch: bool = True, max_batch: int | None = None):
         self.n = dataset if isinstance(dataset, int) else len(dataset)
         env = Ranks.from_env()
         self.rank = env.rank if rank is None else rank
@@ -62,63 +72,70 @@ class ElasticSampler(Sampler[int]):
         self.exhausted = False  # the pass over this epoch ran to its end
         self._start = 0  # ``consumed`` when the current pass began
         self._given = 0  # indices this rank handed out in the current pass
+        self.global_batch: int | None = None  # the job's global batch, fixed when it first runs
+        self.keep_global_batch = keep_global_batch
+        env_max = os.environ.get("LATTICE_MAX_RANK_BATCH")
+        self.max_batch = max_batch if max_batch is not None else (int(env_max) if env_max else None)
+        self.driven_by_loader = False  # a tracked DataLoader reports the batches it delivered
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self.consumed, self.exhausted = epoch, 0, False
 
     def permutation(self) -> list[int]:
-        """The epoch's order, the same on every rank."""
+        """The epoch's order, the same on every rank (``DistributedSampler``'s)."""
         if not self.shuffle:
             return list(range(self.n))
         gen = torch.Generator()
-        gen.manual_seed(self.seed * 1_000_003 + self.epoch)
+        gen.manual_seed(self.seed + self.epoch)
         return torch.randperm(self.n, generator=gen).tolist()
 
-    def _split(self, start: int) -> tuple[int, int]:
-        """Whole steps of ``W*b`` samples left from ``start``, and the tail after them."""
+    def _span(self, start: int) -> int:
+        """Positions the current world takes from ``start``: the rest, padded or cut to a multiple of W."""
         rest = self.n - start
-        full = rest // (self.world * self.batch_size)
-        return full, rest - full * self.world * self.batch_size
+        return rest // self.world * self.world if self.drop_last else math.ceil(rest / self.world) * self.world
 
     def indices(self, start: int) -> list[int]:
         """This rank's indices of the epoch's remainder from global position ``start``, in order."""
         rest = self.permutation()[start:]
-        full, tail = self._split(start)
-        w, b = self.world, self.batch_size
-        mine = rest[self.rank:full * w * b:w]
-        if tail and not self.drop_last:
-            t = rest[full * w * b:]
-            per = math.ceil(tail / w)
-            padded = [t[i % tail] for i in range(per * w)]
-            mine += padded[self.rank::w]
-        return mine
+        span = self._span(start)
+        if span > len(rest):  # pad by repeating the head, as DistributedSampler does
+            rest = (rest * math.ceil(span / len(rest)))[:span]
+        return rest[self.rank:span:self.world]
 
-    def _done(self) -> int:
-        """Samples consumed in this pass: steps begun times ``W*b`` (the tail step takes the tail)."""
-        full, tail = self._split(self._start)
-        steps = math.ceil(self._given / self.batch_size)
-        whole = min(steps, full) * self.world * self.batch_size
-        return whole + (tail if steps > full and not self.drop_last else 0)
+    def _after(self, steps: int) -> int:
+        """``consumed`` once ``steps`` steps of this pass are done."""
+        span = min(self._span(self._start), self.n - self._start)
+        return self._start + min(steps * self.world * self.batch_size, span)
 
     def __iter__(self) -> Iterator[int]:
         if self.exhausted:  # a new pass without set_epoch: the same epoch again, from its start
             self.consumed, self.exhausted = 0, False
+        if self.global_batch is None:
+            self.global_batch = self.world * self.batch_size
         self._start, self._given = self.consumed, 0
         return self._run(self.indices(self._start))
 
     def _run(self, mine: list[int]) -> Iterator[int]:
         for i in mine:
             self._given += 1
-            self.consumed = self._start + self._done()
+            if not self.driven_by_loader:
+                self.consumed = self._after(math.ceil(self._given / self.batch_size))
             yield i
-        self.consumed, self.exhausted = self._start + self._done(), True
+        if not self.driven_by_loader:
+            self.consumed, self.exhausted = self._after(math.ceil(self._given / self.batch_size)), True
+
+    def delivered(self, batches: int) -> None:
+        """A tracked loader handed its ``batches``-th batch of this pass to the training loop."""
+        self.consumed = self._after(batches)
+
+    def pass_done(self, batches: int) -> None:
+        """A tracked loader's pass ran to its end after ``batches`` batches."""
+        self.consumed, self.exhausted = self._after(batches), True
 
     def __len__(self) -> int:
         """This rank's samples left in the epoch (all of it when the last pass ran to its end)."""
-        start = 0 if self.exhausted else self.consumed
-        full, tail = self._split(start)
-        return full * self.batch_size + (math.ceil(tail / self.world) if tail and not self.drop_last else 0)
+        return self._span(0 if self.exhausted else self.consumed) // self.world
 
     @staticmethod
     def per_rank_batch(global_batch: int, world: int, max_batch: int | None = None) -> int:
@@ -137,6 +154,25 @@ class ElasticSampler(Sampler[int]):
                         per, per * world)
         return per
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (the same on every rank)."""
+        return {"epoch": self.epoch, "consumed": self.consumed, "exhausted": self.exhausted, "n": self.n,
+                "world": self.world, "batch_size": self.batch_size, "global_batch": self.global_batch}
+
+    def load_state(self, tree: dict[str, Any]) -> None:
+        """Continue from ``tree``; apply the global batch policy if the world size changed."""
+        if tree["n"] != self.n:
+            log.warning("ElasticSampler: the checkpoint's dataset had %d samples, this one %d", tree["n"], self.n)
+        self.epoch, self.consumed, self.exhausted = tree["epoch"], min(tree["consumed"], self.n), tree["exhausted"]
+        self._start, self._given = self.consumed, 0
+        self.global_batch = tree.get("global_batch") or self.global_batch
+        old_world = tree.get("world", self.world)
+        if self.keep_global_batch and self.global_batch and old_world != self.world:
+            before = self.batch_size
+            self.batch_size = self.per_rank_batch(self.global_batch, self.world, self.max_batch)
+            log.info("ElasticSampler: world %d -> %d, per-rank batch %d -> %d (global batch %d)",
+                     old_world, self.world, before, self.batch_size, self.batch_size * self.world)
+
 
 class ElasticSamplerAdapter(Adapter):
     """``ElasticSampler``: epoch and global consumption, replicated (the same on every rank)."""
@@ -149,12 +185,8 @@ class ElasticSamplerAdapter(Adapter):
         return isinstance(obj, ElasticSampler)
 
     def save(self, obj: ElasticSampler) -> Any:
-        return {"epoch": obj.epoch, "consumed": obj.consumed, "exhausted": obj.exhausted, "n": obj.n}
+        return obj.state()
 
     def load(self, obj: ElasticSampler, tree: Any) -> Any:
-        if tree["n"] != obj.n:
-            log.warning("ElasticSampler: the checkpoint's dataset had %d samples, this one %d",
-                        tree["n"], obj.n)
-        obj.epoch, obj.consumed, obj.exhausted = tree["epoch"], min(tree["consumed"], obj.n), tree["exhausted"]
-        obj._start, obj._given = obj.consumed, 0
+        obj.load_state(tree)
         return obj

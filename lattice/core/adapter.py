@@ -44,6 +44,13 @@ class Adapter:
         """Called once when ``obj`` is registered; may prepare it (e.g. start tracking)."""
         return obj
 
+    def companions(self, obj: Any) -> dict[str, Any]:
+        """Objects ``obj`` holds that must be registered with it, by suffix (``name_suffix``).
+
+        Optional: for state with another scope, e.g. a per-rank loader's replicated sampler.
+        """
+        return {}
+
     def save(self, obj: Any) -> Any:
         """Return the state of ``obj`` as a tree of dict/list/tuple, plain values and arrays.
 
