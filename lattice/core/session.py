@@ -74,6 +74,10 @@ class Session:
             self._check_name(name, obj)
             adapter = self.adapters.resolve(obj, name)
             new[name] = Item(adapter, adapter.attach(obj))
+            for suffix, part in getattr(adapter, "companions", lambda o: {})(obj).items():
+                if f"{name}_{suffix}" not in self.items:  # e.g. a loader's elastic sampler (shared)
+                    comp = self.adapters.resolve(part, f"{name}_{suffix}")
+                    new[f"{name}_{suffix}"] = Item(comp, comp.attach(part))
         if not self.items and self.config.capture_rng:
             for name, obj in self._internal.items():
                 adapter = self.adapters.resolve(obj, name)
