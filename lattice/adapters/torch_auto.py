@@ -9,6 +9,9 @@ object does or draws from an RNG:
   construction);
 - ``DataLoader.__init__`` makes the loader track its position (``DataLoaderAdapter.attach``)
   and hooks the start of each of its epochs (``iter(loader)``) and each batch request;
+- ``DistributedSampler.__init__`` turns the sampler into a stand-in that, once a loader with a
+  batch size uses it, delegates to an ``ElasticSampler`` with the same settings (the same
+  indices while the world size stays; the rest of the epoch re-split when it changes);
 - a global optimizer step post-hook (``register_optimizer_step_post_hook``) marks a step done.
 
 Timing rule (docs/transparent.md): a step is counted, and a checkpoint taken when due, at
@@ -37,9 +40,11 @@ import torch
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
 from ..core.errors import LatticeError
 from .torch_data import DataLoaderAdapter
+from .torch_elastic import ElasticSampler
 
 log = logging.getLogger("lattice")
 PREFIX = "[lattice.auto]"
@@ -61,6 +66,7 @@ def install(new_session: Callable[..., Any]) -> Controller:
                       (ReduceLROnPlateau, "scheduler"), (torch.amp.GradScaler, "scaler")):
         _wrap_init(cls, functools.partial(ctl.add, kind))
     _wrap_init(DataLoader, ctl.add_loader)
+    _wrap_init(DistributedSampler, ctl.add_sampler)
     _HOOKS.append(register_optimizer_step_post_hook(ctl.after_step))
     CONTROLLER = ctl
     return ctl
@@ -94,6 +100,33 @@ def _wrap_init(cls: type, on_init: Any) -> None:
 
     _ORIGINALS[cls] = original
     cls.__init__ = __init__  # type: ignore[misc]
+
+
+_SAMPLERS: dict[type, type] = {}
+
+
+def _elastic_class(cls: type) -> type:
+    """A subclass of a ``DistributedSampler`` class that defers to ``self.elastic`` once it is set.
+
+    Until a loader with a batch size adopts the sampler (``elastic`` is None) it is the
+    original sampler; ``set_epoch`` always reaches both.
+    """
+    if cls not in _SAMPLERS:
+        def __iter__(self: Any) -> Any:
+            return iter(self.elastic) if self.elastic is not None else cls.__iter__(self)
+
+        def __len__(self: Any) -> int:
+            return len(self.elastic) if self.elastic is not None else cls.__len__(self)
+
+        def set_epoch(self: Any, epoch: int) -> None:
+            cls.set_epoch(self, epoch)
+            if self.elastic is not None:
+                self.elastic.set_epoch(epoch)
+
+        ns = {"__module__": cls.__module__, "__iter__": __iter__, "__len__": __len__, "set_epoch": set_epoch,
+              "lattice_elastic": property(lambda self: self.elastic is not None)}
+        _SAMPLERS[cls] = type(f"LatticeElastic{cls.__name__}", (cls,), ns)
+    return _SAMPLERS[cls]
 
 
 def _say(msg: str) -> None:
@@ -173,6 +206,17 @@ class Controller:
         DataLoaderAdapter().attach(loader)
         loader._lattice_position.auto = LoaderHooks(self, len(self.loaders), loader._lattice_position)
         self.loaders.append(weakref.ref(loader))
+        sampler = loader.sampler
+        if type(sampler) in _SAMPLERS.values() and sampler.elastic is None and loader.batch_size:
+            sampler.elastic = ElasticSampler(
+                sampler.dataset, batch_size=loader.batch_size, shuffle=sampler.shuffle, seed=sampler.seed,
+                drop_last=sampler.drop_last, rank=sampler.rank, world=sampler.num_replicas)
+            sampler.elastic.set_epoch(sampler.epoch)
+
+    def add_sampler(self, sampler: Any) -> None:
+        if self.enabled and not self.frozen and type(sampler) not in _SAMPLERS.values():
+            sampler.__class__ = _elastic_class(type(sampler))
+            sampler.elastic = None
 
     def has_optimizer(self) -> bool:
         return any(r() is not None for r in self.seen["optimizer"])

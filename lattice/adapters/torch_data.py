@@ -239,7 +239,9 @@ class DataLoaderAdapter(Adapter):
         if tree.get("generator") is not None and obj.generator is not None:
             obj.generator.set_state(tree["generator"])  # where an uninterrupted run's would be now
         fresh = tree["base_rng"] is None or tree["sampler_rng"] is None or tree["exhausted"]
-        fresh = fresh or getattr(obj.sampler, "lattice_elastic", False)  # an ElasticSampler positions itself
+        if getattr(obj.sampler, "lattice_elastic", False) and not fresh:
+            pos.epoch -= 1  # an ElasticSampler positions itself: the next iter() re-enters this epoch
+            fresh = True
         pos.resume = None if fresh else dict(tree)
         return obj
 

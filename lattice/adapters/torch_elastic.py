@@ -167,9 +167,14 @@ class ElasticSampler(Sampler[int]):
         self._start, self._given = self.consumed, 0
         self.global_batch = tree.get("global_batch") or self.global_batch
         old_world = tree.get("world", self.world)
-        if self.keep_global_batch and self.global_batch and old_world != self.world:
-            before = self.batch_size
+        if not (self.keep_global_batch and self.global_batch):
+            return
+        before = self.batch_size
+        if old_world == self.world:  # the same world: the batch it ran with (set by the policy, maybe)
+            self.batch_size = tree.get("batch_size", self.batch_size)
+        else:
             self.batch_size = self.per_rank_batch(self.global_batch, self.world, self.max_batch)
+        if self.batch_size != before:
             log.info("ElasticSampler: world %d -> %d, per-rank batch %d -> %d (global batch %d)",
                      old_world, self.world, before, self.batch_size, self.batch_size * self.world)
 
