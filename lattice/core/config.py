@@ -21,7 +21,9 @@ class Config:
     """Checkpoint policy and location.
 
     Attributes:
-        checkpoint_dir: where checkpoints go (a directory; created if missing).
+        checkpoint_dir: where checkpoints go: a directory (created if missing) or a URL
+            (``file://``, ``s3://``, ``gs://``, ``memory://``, any fsspec URL, or the checkpoint
+            service ``lattice://host:port/job``); see docs/storage.md.
         every_steps: checkpoint every N ``lattice.step()`` calls; ``None`` or 0 turns it off.
         every_seconds: checkpoint when this many seconds passed since the last one; ``None`` off.
         keep: how many committed checkpoints to keep (older ones are deleted after a newer commit).
@@ -55,7 +57,7 @@ class Config:
         if self.on_busy not in ON_BUSY:
             raise ConfigError(f"on_busy must be one of {ON_BUSY}, got {self.on_busy!r}")
         if not isinstance(self.checkpoint_dir, str | os.PathLike) or not str(self.checkpoint_dir):
-            raise ConfigError(f"checkpoint_dir must be a non-empty path, got {self.checkpoint_dir!r}")
+            raise ConfigError(f"checkpoint_dir must be a non-empty path or URL, got {self.checkpoint_dir!r}")
 
     def replace(self, **changes: Any) -> Config:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

@@ -27,6 +27,7 @@ from .restore import Restored, read_manifest, restore_from
 from .snapshot import Buffers, Item, fill, plan
 from .state import State
 from .storage import LocalDirectory
+from .stores import tiers
 
 log = logging.getLogger("lattice")
 RESERVED = {"step", "restored_from", "items"}
@@ -40,11 +41,17 @@ class Session:
         self.config, self.adapters, self.codecs = config, adapters, codecs
         self.ranks = Ranks.from_env()
         self.config = config = self._fit_policy(config)
-        self.storage = LocalDirectory(config.checkpoint_dir)
+        # a URL commits into a local staging (or the agent's memory) directory; see stores/tiers.py
+        self.location = tiers.resolve(str(config.checkpoint_dir), self.ranks)
+        self.storage = LocalDirectory(self.location.local)
         self.storage.prepare()
+        self._uploader = (tiers.Uploader(self.location.store, lambda: self.config.keep)
+                          if self.location.upload and self.location.store is not None else None)
         if self.ranks.rank == 0:
             for path in self.storage.cleanup_leftovers() + cleanup_old_rounds(self.storage.root, self.ranks):
                 log.info("removed leftover %s from an interrupted checkpoint", path)
+            if self._uploader is not None:
+                self._cleanup_store()
         self.items: dict[str, Item] = {}
         self.step = 0
         self.restored: Restored | None = None
@@ -53,7 +60,8 @@ class Session:
         self.restored_world: int | None = None  # world size of the restored checkpoint
         self._resize_hooks: list[Any] = []
         self._buffers = Buffers()
-        self._persister = Persister(self.storage, config.keep)
+        # the agent owns retention in its memory directory (it may still be uploading older ones)
+        self._persister = Persister(self.storage, 1 << 30 if self.location.kind == "memory" else config.keep)
         self._persister.part_timeout = config.part_timeout
         self._inflight: concurrent.futures.Future[Path] | None = None
         self._inflight_step = -1
@@ -66,6 +74,13 @@ class Session:
         self._control = ControlFile.open(control) if control else None
         if self._control is not None:
             self._persister.on_commit = self._control.report_checkpoint
+
+    def _cleanup_store(self) -> None:
+        """Remove abandoned uploads from the store (only ones old enough to be safe; see Store.cleanup)."""
+        try:
+            self.location.store.cleanup()  # type: ignore[union-attr]
+        except Exception as exc:  # leftovers only waste space
+            log.warning("could not clean up abandoned uploads in %s: %s", self.location.url, exc)
 
     # -- registration and restore -------------------------------------------------
     def register(self, objects: dict[str, Any]) -> State:
@@ -146,10 +161,16 @@ class Session:
             self._apply(late, new)
 
     def _restore_newest(self, items: dict[str, Item]) -> Restored | None:
-        damaged: list[tuple[Path, CorruptCheckpointError]] = []
-        for step, path in self.storage.committed():
+        damaged: list[tuple[Path | None, CorruptCheckpointError]] = []
+        loc = self.location
+        for cand in tiers.candidates(loc, tolerate_store_errors=loc.kind == "memory"):
+            step, path = cand.step, cand.path
             try:
+                path = tiers.fetch(loc, cand)
                 restored = restore_from(path, items, self.codecs, self.ranks)
+            except FileNotFoundError:
+                log.info("checkpoint step %d left %s while restoring; trying an older one", step, loc.url)
+                continue
             except CorruptCheckpointError as exc:
                 log.warning("checkpoint step %d is unusable, falling back to an older one: %s", step, exc)
                 damaged.append((path, exc))
@@ -157,19 +178,21 @@ class Session:
             self._apply(restored, items)
             self._set_aside(damaged)
             self._trim(restored.step)
+            if self._uploader is not None and cand.tier == "staging" and self.ranks.rank == 0:
+                self._inflight = self._uploader.resume(path, step)
             log.info("restored step %d from %s%s", restored.step, path,
                      f" (not in checkpoint, kept as given: {restored.missing})" if restored.missing else "")
             return restored
         if damaged:
             reasons = "; ".join(str(exc) for _, exc in damaged)
-            raise CheckpointError(f"no usable checkpoint in {self.storage.root}: {reasons}. Nothing was "
+            raise CheckpointError(f"no usable checkpoint in {loc.url}: {reasons}. Nothing was "
                                   "deleted; move the damaged checkpoints away to start from scratch")
         return None
 
     def _trim(self, restored_step: int) -> None:
         """Apply retention up to the restored step: a crash between a commit and its retention
         (possibly twice in a row) can leave more than ``keep`` behind. Only rank 0 deletes."""
-        if self.ranks.rank != 0:
+        if self.ranks.rank != 0 or self.location.kind == "memory":
             return
         retired = self.storage.retire_old(self.config.keep, newest=restored_step)
         if retired:
@@ -181,6 +204,8 @@ class Session:
         if self.ranks.rank != 0:
             return  # every rank skips the damaged ones; only rank 0 moves them
         for path, _ in damaged:
+            if path is None:  # damaged in the store: left there (a new commit of its step replaces it)
+                continue
             try:
                 log.warning("moved damaged checkpoint %s to %s", path, self.storage.quarantine(path))
             except OSError as exc:
@@ -212,6 +237,17 @@ class Session:
         self.wait()
         raise SystemExit(0)
 
+    def _leave_memory_tier(self) -> None:
+        """The agent turned the memory tier off (contract B): from now on checkpoint to storage directly."""
+        loc = tiers.resolve(str(self.config.checkpoint_dir), self.ranks)
+        log.warning("memory tier turned off by the agent: checkpoints from step %d go to %s", self.step, loc.url)
+        self.location = loc
+        self.storage = self._persister.storage = LocalDirectory(loc.local)
+        self.storage.prepare()
+        self._persister.keep = self.config.keep
+        if loc.upload and loc.store is not None:
+            self._uploader = tiers.Uploader(loc.store, lambda: self.config.keep)
+
     def busy(self) -> bool:
         return self._inflight is not None and not self._inflight.done()
 
@@ -227,6 +263,8 @@ class Session:
                 return None
             log.info("checkpoint at step %d waits for the previous one to finish persisting", self.step)
             concurrent.futures.wait([self._inflight])
+        if self.location.kind == "memory" and tiers.memory_disabled(self.location.local):
+            self._leave_memory_tier()
         # the persist starts before the copy and writes each region once the copy has passed it
         snap = plan(self.items, self.step, self._buffers, self.codecs, self.ranks)
         snap.seq = self._seq
@@ -236,13 +274,18 @@ class Session:
         except BaseException:
             concurrent.futures.wait([future])  # it aborts at once: nothing is committed
             raise
+        if self._uploader is not None:  # the checkpoint is done once it is in the store
+            future = self._uploader.chain(future, snap.step)
         self._seq += 1
         self._last_time = time.monotonic()
         self._inflight, self._inflight_step = future, snap.step
         return future
 
     def wait(self, timeout: float | None = None) -> Path | None:
-        """Block until the in-flight checkpoint is committed and older ones retired; raise if it failed."""
+        """Block until the in-flight checkpoint is committed and older ones retired; raise if it failed.
+
+        With a URL as checkpoint_dir this includes the upload to the store (and its retention).
+        """
         if self._inflight is None:
             return None
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -253,6 +296,8 @@ class Session:
         except Exception as exc:
             raise CheckpointError(f"checkpoint failed: {type(exc).__name__}: {exc}") from exc
         self._persister.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if self._uploader is not None:
+            self._uploader.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return path
 
     @property
@@ -267,4 +312,6 @@ class Session:
             except Exception:  # already logged by the persist thread
                 pass
             self._persister.join()
+            if self._uploader is not None:
+                self._uploader.join()
         self._buffers.release()

@@ -1,0 +1,166 @@
+"""The storage interface every checkpoint backend implements, with its atomicity contract.
+
+A store holds checkpoints of one job, each a set of files plus the Lattice ``manifest.json``
+(docs/format.md). The commit protocol is the same on every backend: every file of a step is
+put first, the manifest last; a step is *committed* (listed, readable, restorable) only once
+its manifest is in place and parses. Each method says how it is atomic on its own and what it
+does when something is missing; backends must keep to that (tests/storage runs one contract
+suite against all of them).
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from pathlib import Path
+from typing import BinaryIO
+
+from .. import fmt
+from ..errors import CorruptCheckpointError
+
+log = logging.getLogger("lattice")
+
+
+class Store(abc.ABC):
+    """Checkpoints of one job at one URL: put files, commit with the manifest, list, read, delete.
+
+    Attributes:
+        url: the URL the store was opened with (for messages and logs).
+        local_root: for stores that are a local directory, that directory (restore then reads
+            it in place instead of downloading); ``None`` for remote stores.
+    """
+
+    url: str
+    local_root: Path | None = None
+
+    @abc.abstractmethod
+    def list_committed(self) -> list[int]:
+        """Steps whose manifest is in place and parses, newest first.
+
+        Atomicity: a step appears only after ``commit`` wrote its manifest; files put for a step
+        without a manifest (an upload in progress or abandoned) never appear. A missing store
+        root lists as ``[]``.
+        """
+
+    @abc.abstractmethod
+    def read_manifest(self, step: int) -> bytes:
+        """The manifest bytes of committed ``step``.
+
+        Raises ``FileNotFoundError`` if ``step`` is not committed. The bytes are returned as
+        stored; ``fmt.parse_manifest`` checks them.
+        """
+
+    @abc.abstractmethod
+    def put_file(self, step: int, name: str, path: Path, size: int, crc32c: int) -> None:
+        """Upload local file ``path`` as file ``name`` of the not yet committed ``step``.
+
+        The bytes are streamed (never held whole in memory) and their crc32c and size are
+        checked against ``crc32c``/``size``; on a mismatch nothing of the file is kept and
+        ``CorruptCheckpointError`` is raised. Putting a file again replaces it. Atomicity: the
+        file is invisible to readers until the step commits. ``FileNotFoundError`` if ``path``
+        does not exist. Raises ``CheckpointError`` if ``step`` is already committed (delete it
+        first).
+        """
+
+    @abc.abstractmethod
+    def commit(self, step: int, manifest: bytes, keep: int | None = None) -> None:
+        """Commit ``step`` by writing its manifest, after checking every listed file was put.
+
+        Atomicity: the manifest is written last and in one piece (one object PUT, or a
+        rename); before it lands the step is not committed, after it the step is complete.
+        Raises ``CheckpointError`` naming the missing or different files if any file the
+        manifest lists was not put with that size. With ``keep``, afterwards deletes all but
+        the newest ``keep`` committed steps up to ``step`` (newer ones are never deleted).
+        """
+
+    @abc.abstractmethod
+    def open_file(self, step: int, name: str) -> BinaryIO:
+        """A binary stream of file ``name`` of committed ``step`` (close it after use).
+
+        Raises ``FileNotFoundError`` if ``step`` is not committed or has no such file.
+        """
+
+    @abc.abstractmethod
+    def delete(self, step: int) -> None:
+        """Delete ``step`` (committed or a pending upload).
+
+        Atomicity: the manifest goes first (one delete or rename), so a half-deleted step never
+        lists as committed; the other files follow. Raises ``FileNotFoundError`` if the store
+        has nothing of ``step``.
+        """
+
+    @abc.abstractmethod
+    def cleanup(self) -> list[str]:
+        """Remove leftovers of uploads that can no longer finish; returns what was removed.
+
+        Only provably abandoned data goes: files of a step that never got a manifest and are
+        older than the backend's safety age (an upload still running is never touched).
+        Nothing committed is ever removed. A missing store root removes nothing.
+        """
+
+    def download(self, step: int, dest_dir: Path) -> Path:
+        """Download committed ``step`` into local checkpoint root ``dest_dir``; returns the step directory.
+
+        Every file is checked (size and crc32c against the manifest) while it streams in; the
+        local directory appears under its final name only when complete (atomic rename).
+        Raises ``FileNotFoundError`` if ``step`` is not committed and ``CorruptCheckpointError``
+        if a file is missing or damaged in the store.
+        """
+        from .transfer import download
+
+        return download(self, step, dest_dir)
+
+    def retain(self, keep: int, newest: int | None = None) -> list[int]:
+        """Delete all but the newest ``keep`` committed steps up to ``newest``; returns the deleted steps.
+
+        Steps newer than ``newest`` (another timeline) are kept. A step that vanishes meanwhile
+        is skipped. Each deletion is atomic as ``delete`` is.
+        """
+        steps = [s for s in self.list_committed() if newest is None or s <= newest]
+        dropped = []
+        for step in steps[keep:]:
+            try:
+                self.delete(step)
+                dropped.append(step)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # a failed cleanup only wastes space
+                log.warning("could not delete old checkpoint step %d from %s: %s", step, self.url, exc)
+        if dropped:
+            log.info("deleted old checkpoint step(s) %s from %s", dropped, self.url)
+        return dropped
+
+    def manifest(self, step: int) -> dict:
+        """The parsed manifest of committed ``step``; ``CorruptCheckpointError`` if it does not parse."""
+        raw = self.read_manifest(step)
+        try:
+            doc = fmt.parse_manifest(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CorruptCheckpointError(self.describe(step), fmt.MANIFEST, f"is not a valid manifest: {exc}") from None
+        if doc["step"] != step:
+            raise CorruptCheckpointError(self.describe(step), fmt.MANIFEST, f"names step {doc['step']}, not {step}")
+        return doc
+
+    def describe(self, step: int) -> str:
+        """Where ``step`` lives, for messages: ``<url>/step-XXXXXXXXXX``."""
+        return f"{self.url.rstrip('/')}/{fmt.step_dirname(step)}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+def parses(raw: bytes, step: int) -> bool:
+    """Whether ``raw`` is a valid manifest of ``step`` (the listing rule on object stores)."""
+    try:
+        return fmt.parse_manifest(raw)["step"] == step
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def check_name(name: str) -> str:
+    """Refuse file names that could escape a step's directory (slashes, dots, empty, the manifest)."""
+    if not name or "/" in name or "\\" in name or name.startswith(".") or name == fmt.MANIFEST or "\x00" in name:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"invalid checkpoint file name {name!r}: no slashes, no leading dot, not {fmt.MANIFEST}")
+    return name

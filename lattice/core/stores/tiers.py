@@ -1,0 +1,239 @@
+"""Where a worker commits, uploads and restores from, for a checkpoint_dir that may be a URL.
+
+Three shapes (docs/storage.md):
+
+- a plain path (or ``file://``): commit straight into it, as always (``store`` is ``None``);
+- a remote URL: commit into a local *staging* directory with the usual Persister, then a
+  background thread uploads each commit (``transfer.upload``: files first, manifest last) and
+  applies retention on the store; ``lattice.wait()`` covers the upload;
+- ``LATTICE_MEMORY_DIR`` set (by the agent, the memory tier): commit into that directory and
+  upload nothing; the agent persists it. Restore prefers memory on equal steps.
+
+Restore takes candidates from every tier, newest first; a remote one is downloaded into the
+staging directory (under a lock, so ranks on one host download it once) and then restored
+like a local checkpoint.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import fcntl
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from .. import fmt
+from ..errors import CheckpointError, ConfigError
+from ..ranks import Ranks
+from ..storage import LocalDirectory
+from . import is_remote, open_store
+from .base import Store
+from .file import path_of
+from .transfer import upload
+
+log = logging.getLogger("lattice")
+SHM = Path("/dev/shm")
+SHM_MIN_FREE = 2 << 30  # staging goes to /dev/shm only if it has this much free
+DISABLED = "DISABLED"  # contract B: its existence in the memory dir turns the memory tier off
+TIER_ORDER = {"memory": 0, "staging": 1, "local": 2, "store": 3}  # preference on equal steps
+
+
+@dataclasses.dataclass
+class Location:
+    """Where this process commits (``local``), what it uploads to (``store`` if ``upload``) and reads from."""
+
+    url: str
+    local: Path
+    kind: str  # "local" | "staging" | "memory"
+    store: Store | None = None
+    staging: Path | None = None  # where remote checkpoints are downloaded to
+    memory: Path | None = None  # a memory dir the agent disabled: still read at restore, never written
+
+    @property
+    def upload(self) -> bool:
+        return self.kind == "staging"
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One checkpoint restore may use: a committed local directory or a committed step in the store."""
+
+    step: int
+    tier: str
+    path: Path | None = None
+
+
+def resolve(checkpoint_dir: str, ranks: Ranks, environ: Mapping[str, str] | None = None) -> Location:
+    """Decide the shape from ``checkpoint_dir``, ``LATTICE_MEMORY_DIR`` and ``LATTICE_STAGING_DIR``."""
+    env = os.environ if environ is None else environ
+    url = str(checkpoint_dir)
+    memory = env.get("LATTICE_MEMORY_DIR", "").strip()
+    multi_node = _multi_node(ranks, env)
+    disabled = memory_disabled(Path(memory)) if memory else False
+    if disabled:
+        log.warning("the agent turned the memory tier off (%s exists): checkpoints go to %s",
+                    Path(memory) / DISABLED, url)
+    if memory and multi_node:
+        log.warning("LATTICE_MEMORY_DIR is ignored: with ranks on several hosts each agent's memory directory "
+                    "holds only its own ranks' parts, so rank 0 could never commit; using %s directly", url)
+        memory = ""
+    old_memory = Path(memory) if disabled else None
+    memory = "" if disabled else memory
+    if not is_remote(url):
+        local = path_of(url)
+        if old_memory is not None:
+            return Location(url, local, "local", memory=old_memory)
+        if memory:
+            from .file import FileStore
+
+            return Location(url, Path(memory), "memory", FileStore(str(local)), None)
+        return Location(url, local, "local")
+    store = open_store(url)
+    explicit = env.get("LATTICE_STAGING_DIR", "").strip()
+    if multi_node and not explicit:
+        raise ConfigError(
+            f"checkpoint_dir {url!r} with {ranks.world} ranks on several hosts is not supported: the ranks "
+            "assemble a checkpoint in one shared local directory before it is uploaded. Set "
+            "LATTICE_STAGING_DIR to a directory on a filesystem every host mounts, or use a shared path as "
+            "checkpoint_dir (single-host multi-rank jobs work with a URL as they are)")
+    staging = Path(explicit) if explicit else default_staging(url)
+    if memory:
+        return Location(url, Path(memory), "memory", store, staging)
+    return Location(url, staging, "staging", store, staging, old_memory)
+
+
+def memory_disabled(memory: Path) -> bool:
+    """Whether the agent (or a worker out of room) turned the memory tier off: ``<memory>/DISABLED`` exists."""
+    return (memory / DISABLED).exists()
+
+
+def _multi_node(ranks: Ranks, env: Mapping[str, str]) -> bool:
+    if ranks.world <= 1:
+        return False
+    try:
+        local = int(env.get("LOCAL_WORLD_SIZE", "0"))
+    except ValueError:
+        local = 0
+    if local <= 0:
+        log.warning("WORLD_SIZE=%d but LOCAL_WORLD_SIZE is not set: assuming every rank runs on this host",
+                    ranks.world)
+        return False
+    return local < ranks.world
+
+
+def default_staging(url: str) -> Path:
+    """``/dev/shm/lattice-staging-<uid>/<hash of url>`` if /dev/shm has 2 GiB free, else the same under the temp dir."""
+    name = hashlib.sha256(url.encode()).hexdigest()[:16]
+    base = Path(tempfile.gettempdir())
+    try:
+        st = os.statvfs(SHM)
+        if os.access(SHM, os.W_OK | os.X_OK) and st.f_bavail * st.f_frsize >= SHM_MIN_FREE:
+            base = SHM
+    except OSError:
+        pass
+    return base / f"lattice-staging-{os.getuid()}" / name
+
+
+def candidates(loc: Location, *, tolerate_store_errors: bool = False) -> list[Candidate]:
+    """Every committed checkpoint this location can restore, newest first; on equal steps memory first."""
+    out = [Candidate(s, loc.kind, p) for s, p in LocalDirectory(loc.local).committed()]
+    if loc.memory is not None:
+        out += [Candidate(s, "memory", p) for s, p in LocalDirectory(loc.memory).committed()]
+    if loc.staging is not None and loc.staging != loc.local:
+        out += [Candidate(s, "staging", p) for s, p in LocalDirectory(loc.staging).committed()]
+    if loc.store is not None and loc.store.local_root is not None:
+        out += [Candidate(s, "local", p) for s, p in LocalDirectory(loc.store.local_root).committed()]
+    elif loc.store is not None:
+        try:
+            out += [Candidate(s, "store") for s in loc.store.list_committed()]
+        except Exception as exc:
+            if not tolerate_store_errors:
+                raise CheckpointError(f"cannot list the checkpoints in {loc.url}: {type(exc).__name__}: {exc}") from exc
+            log.warning("cannot list the checkpoints in %s (%s); restoring from memory only", loc.url, exc)
+    return sorted(out, key=lambda c: (-c.step, TIER_ORDER[c.tier]))
+
+
+def fetch(loc: Location, cand: Candidate) -> Path:
+    """The local directory of ``cand``: as is for local ones, downloaded into staging for store ones.
+
+    Downloads hold an exclusive lock on the staging directory, so ranks sharing it fetch a step
+    once. Raises ``FileNotFoundError`` if the step left the store, ``CorruptCheckpointError`` if it
+    is damaged there.
+    """
+    if cand.path is not None:
+        return cand.path
+    assert loc.store is not None and loc.staging is not None
+    LocalDirectory(loc.staging).prepare()
+    with open(loc.staging / ".lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            log.info("downloading step %d from %s into %s", cand.step, loc.url, loc.staging)
+            return loc.store.download(cand.step, loc.staging)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class Uploader:
+    """Uploads each committed staging checkpoint on its own thread; the returned future covers the upload."""
+
+    def __init__(self, store: Store, keep: Callable[[], int]):
+        self.store, self.keep = store, keep
+        self.last_uploaded: int | None = None
+        self._thread: threading.Thread | None = None
+
+    def chain(self, persisted: concurrent.futures.Future[Path], step: int) -> concurrent.futures.Future[Path]:
+        """A future that resolves once ``persisted`` committed and the upload finished (or failed)."""
+        out: concurrent.futures.Future[Path] = concurrent.futures.Future()
+        out.set_running_or_notify_cancel()
+
+        def run() -> None:
+            try:
+                path = persisted.result()
+            except BaseException as exc:
+                out.set_exception(exc)
+                return
+            if path.name != fmt.step_dirname(step):  # another rank commits this one
+                out.set_result(path)
+                return
+            try:
+                self.upload(path, step)
+            except BaseException as exc:  # the local commit stands; the store keeps its older ones
+                log.error("upload of step %d to %s failed: %s: %s", step, self.store.url, type(exc).__name__, exc)
+                out.set_exception(exc)
+                return
+            out.set_result(path)
+
+        self._thread = threading.Thread(target=run, name=f"lattice-upload-{step}", daemon=True)
+        self._thread.start()
+        return out
+
+    def upload(self, path: Path, step: int) -> None:
+        """Upload one committed local checkpoint now, then apply retention on the store."""
+        upload(path, self.store, step, keep=self.keep())
+        self.last_uploaded = step
+
+    def resume(self, path: Path, step: int) -> concurrent.futures.Future[Path] | None:
+        """After restoring from staging: upload ``step`` if the store does not have it (a crash cut it off)."""
+        try:
+            if step in self.store.list_committed():
+                return None
+        except Exception as exc:
+            log.warning("cannot list %s to check step %d was uploaded: %s", self.store.url, step, exc)
+            return None
+        log.info("step %d is in the staging directory but not in %s: uploading it", step, self.store.url)
+        done: concurrent.futures.Future[Path] = concurrent.futures.Future()
+        done.set_result(path)
+        return self.chain(done, step)
+
+    def join(self, timeout: float | None = None) -> bool:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
