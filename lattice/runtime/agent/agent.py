@@ -36,6 +36,7 @@ from typing import Any
 from ..kv.api import CASConflict, KVStore, KVUnavailable
 from ..rendezvous.decide import Limits
 from .config import AgentConfig, worker_envs
+from .memtier import MemoryTier
 from .spare import SparePool
 from .workers import WorkerGroup, WorkerSpec
 
@@ -67,6 +68,7 @@ class Agent:
         # agent's workers, so the workers of all agents must start a round together (see spare.py)
         self._spares = (SparePool(cfg.command, self._control_dir / "spares", cfg.preload)
                         if cfg.spares and cfg.max_nodes == 1 and SparePool.usable(cfg.command) else None)
+        self.memtier = MemoryTier(cfg, self.metrics)  # checkpoints in /dev/shm, persisted in the background
 
     # -- setup ----------------------------------------------------------------------
     def _open_store(self) -> KVStore:
@@ -99,8 +101,10 @@ class Agent:
         handler = RendezvousHandler(store, self.cfg.job, self.cfg.node, limits, addr=self.cfg.addr,
                                     ttl=self.cfg.ttl)
         try:
+            self.memtier.start()
             return self._loop(handler)
         finally:
+            self.memtier.close()  # waits (bounded) until the newest checkpoint in memory is stored
             if self._spares is not None:
                 self._spares.close()
             handler.leave()
@@ -125,12 +129,12 @@ class Agent:
     def _start(self, a: Any) -> WorkerGroup:
         master = (a.master.addr, a.master.port)
         envs = worker_envs(self.cfg, a.rank, a.world, master, a.round, self.restarts)
-        spec = WorkerSpec(self.cfg.command, {}, self._control_dir / f"round-{a.round}", self.cfg.grace,
-                          spares=self._spares)
+        spec = WorkerSpec(self.cfg.command, self.memtier.worker_env(), self._control_dir / f"round-{a.round}",
+                          self.cfg.grace, spares=self._spares)
         group = WorkerGroup(spec, envs)
         group.start()
-        self.log.info("started %d worker(s): world %d x %d, master %s:%d", len(envs), a.world,
-                      self.cfg.nproc_per_node, *master)
+        self.log.info("started %d worker(s): world %d x %d, master %s:%d, pids %s", len(envs), a.world,
+                      self.cfg.nproc_per_node, *master, ",".join(str(w.proc.pid) for w in group.workers))
         return group
 
     def _watch(self, group: WorkerGroup, handler: Any, a: Any) -> tuple[str, Any]:

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from ...core.errors import ConfigError
+from . import memtier
 from .config import AgentConfig, parse_nnodes
 from .spare import DEFAULT_PRELOAD
 
@@ -36,6 +37,7 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auto", action="store_true",
                    help="transparent mode: run an unmodified PyTorch script under `python -m lattice.auto`, "
                         "which checkpoints and resumes it (docs/transparent.md); LATTICE_AUTO=0 turns it off")
+    memtier.add_flags(p)
     p.add_argument("script", help="the training script (or module with -m)")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
 
@@ -61,12 +63,14 @@ def config_from_args(args: argparse.Namespace, require_endpoint: bool = False) -
     else:
         command = [sys.executable, "-u", *runner, args.script, *args.args]
     ckpt = args.checkpoint_dir or os.environ.get("LATTICE_CHECKPOINT_DIR", "checkpoints")
+    ckpt = ckpt if "://" in ckpt else os.path.abspath(ckpt)  # a URL (s3://, lattice://) stays as given
     return AgentConfig(command=command, min_nodes=lo, max_nodes=hi, nproc_per_node=args.nproc_per_node,
                        max_restarts=args.max_restarts, backend=args.rdzv_backend, endpoint=args.rdzv_endpoint,
-                       job=args.rdzv_id, checkpoint_dir=os.path.abspath(ckpt), metrics_port=args.metrics_port,
+                       job=args.rdzv_id, checkpoint_dir=ckpt, metrics_port=args.metrics_port,
                        addr=args.node_addr, last_call=args.last_call, grace=args.grace, ttl=args.ttl,
                        spares=not args.no_spares, auto=auto,
-                       preload=tuple(m.strip() for m in args.spare_preload.split(",") if m.strip()))
+                       preload=tuple(m.strip() for m in args.spare_preload.split(",") if m.strip()),
+                       **memtier.options(args))
 
 
 def _check_reachable(cfg: AgentConfig) -> None:

@@ -46,6 +46,10 @@ class AgentConfig:
     spares: bool = True  # restart workers in warm spare processes (single-agent jobs; see spare.py)
     preload: tuple[str, ...] = DEFAULT_PRELOAD  # modules a spare imports while it waits
     auto: bool = False  # transparent mode: the command runs the script under `python -m lattice.auto`
+    memory_tier: str = "auto"  # checkpoints in /dev/shm, persisted by the agent (memtier.py): auto | on | off
+    memory_root: str = "/dev/shm"
+    memory_limit: int | None = None  # bytes the memory tier may use (None: what the root has free)
+    upload_timeout: float = 300.0  # seconds a stopping agent waits for its last checkpoint to be stored
 
     def __post_init__(self) -> None:
         if not self.command:

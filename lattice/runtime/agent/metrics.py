@@ -19,7 +19,11 @@ class Metrics:
                           ("restarts", "worker-failure restarts used by the job"),
                           ("last_committed_step", "newest checkpoint step committed by this node's workers"),
                           ("checkpoint_stall_seconds", "training time blocked by the last snapshot"),
-                          ("checkpoint_persist_seconds", "duration of the last persist+commit")):
+                          ("checkpoint_persist_seconds", "duration of the last persist+commit"),
+                          ("memory_tier", "1 while checkpoints go to the agent's memory tier, else 0"),
+                          ("upload_seconds", "duration of the memory tier's last upload to storage"),
+                          ("upload_bytes", "bytes of the memory tier's last upload to storage"),
+                          ("last_uploaded_step", "newest checkpoint step the memory tier stored")):
             g = prom.Gauge(f"lattice_{name}", doc, list(labels), registry=self.registry)
             self._gauges[name] = g.labels(**labels)
         self._exits = prom.Counter("lattice_worker_exits", "worker exits by cause", [*labels, "cause"],
