@@ -1,4 +1,10 @@
-"""Transparent mode on a data-parallel job: an unmodified DDP script with ``DistributedSampler``
+"""Transparent mode under the agent.
+
+1. ``lattice run --auto`` on an unmodified script (tests/helpers/plain_train.py): its worker is
+SIGKILLed three times at random steps, the agent restarts it each time, and the final weights are
+bit-identical to an uninterrupted plain ``python`` run.
+
+2. A data-parallel job: an unmodified DDP script with ``DistributedSampler``
 under ``lattice agent --auto`` goes 2 -> 3 -> 2 -> 1 agents (a node joins, two leave on SIGTERM),
 then the last agent is preempted (SIGTERM) and a new one finishes the job. Checkpoints are taken
 only by those planned events (the step policy never fires), so the test shows that each of them
@@ -7,16 +13,58 @@ checkpoints at the next step boundary: every sample of every epoch is trained on
 
 from __future__ import annotations
 
+import os
+import random
 import re
 import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from agent_support import LATTICE, ROOT, Proc, serve
 
 SCRIPT = str(ROOT / "tests" / "helpers" / "ddp_plain.py")
 EPOCHS, SAMPLES = 2, 720
+PLAIN = str(ROOT / "tests" / "helpers" / "plain_train.py")
+PLAIN_EPOCHS, PLAIN_BATCHES = 5, 12
+
+
+def same_bits(a: Path, b: Path) -> bool:
+    from safetensors.numpy import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(np.array_equal(x[k].view(np.uint8), y[k].view(np.uint8)) for k in x)
+
+
+@pytest.mark.timeout(240)
+def test_lattice_run_auto_three_worker_sigkills_end_bit_identical(tmp_path: Path) -> None:
+    reference = tmp_path / "reference.safetensors"
+    subprocess.run([sys.executable, PLAIN, str(reference), str(PLAIN_EPOCHS)], check=True, timeout=120,
+                   capture_output=True)
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    out = tmp_path / "final.safetensors"
+    p = Proc([*LATTICE, "run", "--auto", "--max-restarts", "3", "--checkpoint-dir", str(tmp_path / "ckpt"),
+              PLAIN, str(out), str(PLAIN_EPOCHS)], tmp_path,
+             env={"LATTICE_EVERY_STEPS": "5", "LATTICE_ON_BUSY": "wait", "PLAIN_TRAIN_SLEEP": "0.01"})
+    kills: list[int] = []
+    try:
+        since = 0
+        for _ in range(3):
+            started = p.wait_for(lambda ln: "started 1 worker(s)" in ln, 90, after=since)
+            mark, n = p.mark(), rng.randint(3, 15)
+            p.wait_for(lambda _, m=mark, n=n: sum("]: epoch " in ln for ln in p.lines[m:]) >= n, 90, after=mark)
+            since = p.mark()
+            os.kill(int(re.search(r"pids (\d+)", started).group(1)), signal.SIGKILL)
+            kills.append(n)
+        assert p.wait(120) == 0, f"seed {seed}\n" + p.text[-3000:]
+    finally:
+        p.kill()
+    assert p.text.count("started 1 worker(s)") == 4, f"seed {seed}: {kills}"
+    assert same_bits(out, reference), f"seed {seed}: weights differ after kills {kills}"
 
 
 def agent(tmp: Path, endpoint: str) -> Proc:
