@@ -42,6 +42,7 @@ __all__ = [
     "ElasticSampler", "LatticeError", "PluginError", "Session", "State", "StateMismatchError", "UnsupportedObjectError",
     "adapter_errors", "adapters", "checkpoint", "close", "configure", "new_session", "on_resize", "register",
     "register_adapter", "session", "step", "wait",
+    "load_arrays",
 ]
 
 ADAPTERS = AdapterRegistry(_BUILTINS, _CODECS)
@@ -144,7 +145,19 @@ def __getattr__(name: str) -> Any:
         from .adapters.torch_elastic import ElasticSampler
 
         return ElasticSampler
+    if name == "keras":  # lattice.keras.Checkpoint imports keras: only on use
+        import importlib
+
+        return importlib.import_module(".keras", __name__)
     raise AttributeError(f"module 'lattice' has no attribute {name!r}")
+
+
+def load_arrays(directory: str | Path, step: int | None = None, *, rank: int | None = None) -> dict[str, Any]:
+    """Every array of a checkpoint as numpy, keyed ``<item>/<path>``, without importing the framework
+    that wrote it (newest committed step by default; ``rank``: add that rank's per-rank arrays)."""
+    from .interop.arrays import load_arrays as _load
+
+    return _load(directory, step, rank=rank)
 
 
 def register_adapter(adapter: Any, *, replace: bool = False) -> Any:

@@ -8,4 +8,6 @@ Each module registers its adapters (and array codecs) into the default registry 
 BUILTINS: list[tuple[str, str | None]] = [
     ("lattice.adapters.python", None),
     ("lattice.adapters.torch", "torch"),
+    ("lattice.adapters.tensorflow", "tensorflow"),
+    ("lattice.adapters.jax", "jax"),
 ]

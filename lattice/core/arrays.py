@@ -20,6 +20,12 @@ DTYPES: dict[str, tuple[int, str | None]] = {
     "bool": (1, "BOOL"), "complex64": (8, "C64"), "complex128": (16, None),
     "float8_e4m3fn": (1, "F8_E4M3"), "float8_e5m2": (1, "F8_E5M2"),
     "float8_e4m3fnuz": (1, "F8_E4M3FNUZ"), "float8_e5m2fnuz": (1, "F8_E5M2FNUZ"),
+    # ml_dtypes types (JAX) that safetensors has no exact type for: stored as U8 bytes, one byte
+    # per element as numpy holds them (sub-byte ints and float4/float6 are not packed)
+    "float8_e4m3": (1, None), "float8_e3m4": (1, None), "float8_e4m3b11fnuz": (1, None),
+    "float8_e8m0fnu": (1, None), "float6_e2m3fn": (1, None), "float6_e3m2fn": (1, None),
+    "float4_e2m1fn": (1, None), "int4": (1, None), "uint4": (1, None), "int2": (1, None),
+    "uint2": (1, None),
 }
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian

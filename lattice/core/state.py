@@ -48,6 +48,9 @@ class State:
         item = items[name]
         if not item.adapter.handles(value):
             raise TypeError(f"{name!r} is handled by adapter {item.adapter.name!r}, which cannot hold {type(value).__name__}")
+        check = getattr(item.adapter, "check_replace", None)  # optional: e.g. JAX pytrees keep their structure
+        if check is not None:
+            check(item.obj, value, name)
         item.obj = value
 
     def __getitem__(self, name: str) -> Any:
