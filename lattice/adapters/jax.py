@@ -62,6 +62,16 @@ class JaxCodec:
             if shard.replica_id == 0:  # each distinct piece once
                 out[shard.index] = np.asarray(shard.data)
 
+    def freeze(self, x: Any) -> np.ndarray | None:
+        """A zero-copy view of a single-buffer CPU array: JAX never changes an array, and while the
+        view exists it does not hand the buffer to a donating function (it copies instead)."""
+        if not isinstance(x, jax.Array) or len(x.addressable_shards) != 1:
+            return None
+        if any(d.platform != "cpu" for d in x.sharding.device_set):
+            return None
+        view = np.asarray(x)
+        return view if view.flags.c_contiguous else None
+
     def byte_view(self, x: Any) -> np.ndarray | None:
         if isinstance(x, np.ndarray) and x.flags.c_contiguous and x.flags.writeable:
             return x.reshape(-1).view(np.uint8)  # a host array from ``empty``, being restored

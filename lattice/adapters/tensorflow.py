@@ -86,6 +86,13 @@ class TFCodec:
         if src.size:
             np.copyto(dst, src.reshape(-1).view(np.uint8))
 
+    def freeze(self, x: Any) -> np.ndarray | None:
+        """The value's host view: TensorFlow copies a variable's buffer before writing to it while
+        a tensor read from it is alive (copy on write), so the view keeps this step's values."""
+        if isinstance(x, np.ndarray):
+            return None
+        return host_array(x)
+
     def byte_view(self, x: Any) -> np.ndarray | None:
         # only host arrays this codec allocated are written into; TF memory never is
         return _NUMPY.byte_view(x) if isinstance(x, np.ndarray) else None

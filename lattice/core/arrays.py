@@ -65,6 +65,10 @@ class ArrayCodec(Protocol):
     def empty(self, dtype: str, shape: tuple[int, ...]) -> Any:
         """A new host array whose ``byte_view`` is not ``None``."""
 
+    # Optional: ``freeze(x) -> np.ndarray | None``, a host array with ``x``'s bytes (C order)
+    # that training can no longer change, so the snapshot may copy it after ``checkpoint()``
+    # returns; ``None`` when the codec cannot promise that (then it is copied at once).
+
 
 class NumpyCodec:
     """numpy arrays and numpy scalars (restored as 0-d arrays' item)."""

@@ -8,7 +8,11 @@ A snapshot is taken in two phases: ``plan`` lays out every part (headers, tree, 
 without copying, then ``fill`` copies the arrays in file order. The persist can start
 between the two: each part's ``Fill`` is a watermark that the writer waits on, so a region
 of the data file is written as soon as the copy has passed it. ``fill`` returns only once
-every byte is copied, so nothing aliases training memory after ``checkpoint()`` returns.
+every byte is copied, so nothing aliases *mutable* training memory after ``checkpoint()``
+returns. Arrays whose codec can ``freeze`` them (a host view that training can no longer
+change: a JAX array on the CPU, whose buffer is never donated while a view exists; a
+TensorFlow tensor, which TensorFlow copies on write) are only frozen while training waits;
+their copy runs in a background thread that the persist follows like any other.
 """
 
 from __future__ import annotations
@@ -176,26 +180,63 @@ def plan(items: dict[str, Item], step: int, buffers: Buffers, codecs: Codecs = C
 def fill(snap: Snapshot) -> None:
     """Copy every array into its part's buffer, advancing each part's watermark as it goes.
 
-    On failure the watermarks fail too (a waiting writer aborts) and the error is raised.
-    Either way no part keeps a reference to the live arrays.
+    Arrays a codec can freeze are frozen here and copied by a background thread (``snap.copied``
+    is set when that is done). On failure the watermarks fail too (a waiting writer aborts) and
+    the error is raised. Either way no part keeps a reference to mutable live arrays.
     """
+    deferred: list[tuple[Part, fmt.Entry]] = []
     try:
         for part in snap.parts:
-            data = part.data
+            data, waiting = part.data, False
             for entry in part.layout.entries:
+                frozen = _freeze(entry) if entry.size else None
+                if frozen is not None:
+                    entry.leaf.value, waiting = frozen, True
+                    deferred.append((part, entry))
+                    continue
                 if entry.size:
                     _copy(entry, data[entry.offset:entry.offset + entry.size], part.fill)
                 entry.leaf.value = None  # do not keep training tensors alive
-                part.fill.advance(entry.offset + entry.size)
+                if not waiting:  # the watermark stops at the first array copied later
+                    part.fill.advance(entry.offset + entry.size)
     except BaseException as exc:
-        for part in snap.parts:
-            part.fill.fail(exc)
-            for entry in part.layout.entries:
-                entry.leaf.value = None
-        snap.copy_error = exc
-        snap.copied.set()
+        _abort(snap, exc)
         raise
     snap.blocking_s = time.perf_counter() - snap.started
+    if not deferred:
+        snap.copied.set()
+        return
+    threading.Thread(target=_fill_deferred, args=(snap, deferred), name="lattice-copy", daemon=True).start()
+
+
+def _freeze(entry: fmt.Entry) -> Any:
+    freeze = getattr(entry.leaf.codec, "freeze", None)
+    return freeze(entry.leaf.value) if freeze is not None else None
+
+
+def _fill_deferred(snap: Snapshot, deferred: list[tuple[Part, fmt.Entry]]) -> None:
+    """Copy the frozen arrays, then move each part's watermark over everything copied."""
+    later = {id(e) for _, e in deferred}
+    try:
+        for part in snap.parts:
+            for entry in part.layout.entries:
+                if id(entry) in later:
+                    src = np.ascontiguousarray(entry.leaf.value).reshape(-1).view(np.uint8)
+                    np.copyto(part.data[entry.offset:entry.offset + entry.size], src)
+                    entry.leaf.value = None
+                part.fill.advance(entry.offset + entry.size)
+    except BaseException as exc:  # the persist aborts; nothing is committed
+        _abort(snap, exc)
+        return
+    snap.copied.set()
+
+
+def _abort(snap: Snapshot, exc: BaseException) -> None:
+    for part in snap.parts:
+        part.fill.fail(exc)
+        for entry in part.layout.entries:
+            entry.leaf.value = None
+    snap.copy_error = exc
     snap.copied.set()
 
 
