@@ -156,10 +156,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.command == "ckpt" and hasattr(signal, "SIGPIPE"):
+    pipe = None
+    if args.command == "ckpt" and hasattr(signal, "SIGPIPE") and args.ckpt in ("ls", "inspect", "verify"):
         # `lattice ckpt inspect D | head` ends quietly; never for servers, where a client
-        # that hangs up must not kill the process
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        # that hangs up must not kill the process (restored after, for callers in-process)
+        pipe = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     chatty = args.verbose or args.command in ("run", "agent", "rendezvous")  # operators read agent logs
     logging.basicConfig(level=logging.INFO if chatty else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -168,6 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LatticeError as exc:
         print(f"lattice: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if pipe is not None:
+            signal.signal(signal.SIGPIPE, pipe)
 
 
 if __name__ == "__main__":
