@@ -272,7 +272,10 @@ class Controller:
         atexit.register(self.close)
         cfg = self.session.config
         names = ", ".join(n for n in objects if n != "auto")
-        _say(f"checkpointing {names} to {cfg.checkpoint_dir} every {cfg.every_steps} steps")
+        policy = [f"every {cfg.every_steps} steps"] if cfg.every_steps else []
+        policy += [f"every {cfg.every_seconds:g} s"] if cfg.every_seconds else []
+        _say(f"checkpointing {names} to {cfg.checkpoint_dir} "
+             f"{' and '.join(policy) or 'on request only (no step or time policy)'}")
         restored = self.session.restore_now(["auto"])
         if restored is not None:
             self._plan_resume(restored)
