@@ -7,6 +7,7 @@ process-wide default ``Session``; tests and advanced users can run their own.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import keyword
 import logging
 import os
@@ -240,13 +241,30 @@ class Session:
     def _leave_memory_tier(self) -> None:
         """The agent turned the memory tier off (contract B): from now on checkpoint to storage directly."""
         loc = tiers.resolve(str(self.config.checkpoint_dir), self.ranks)
-        log.warning("memory tier turned off by the agent: checkpoints from step %d go to %s", self.step, loc.url)
+        log.warning("memory tier off: checkpoints from step %d go to %s", self.step, loc.url)
         self.location = loc
         self.storage = self._persister.storage = LocalDirectory(loc.local)
         self.storage.prepare()
         self._persister.keep = self.config.keep
         if loc.upload and loc.store is not None:
             self._uploader = tiers.Uploader(loc.store, lambda: self.config.keep)
+
+    def _check_memory_room(self, size: int) -> None:
+        """Before writing into the agent's memory: no room for this checkpoint -> storage, now."""
+        room = tiers.memory_room(self.location.local)
+        if size + (1 << 20) > room:
+            why = (f"a checkpoint of {size / 2**20:.1f} MiB does not fit in {self.location.local} "
+                   f"({room / 2**20:.1f} MiB free): writing to the storage tier instead; make /dev/shm bigger "
+                   "(docker --shm-size, or an emptyDir with medium: Memory in Kubernetes)")
+            log.error("%s", why)
+            tiers.disable_memory(self.location.local, size, room, why)
+            self._leave_memory_tier()
+
+    def _memory_write_failed(self, future: concurrent.futures.Future[Path]) -> None:
+        """A write into the memory dir ran out of room (other ranks filled it): later ones go to storage."""
+        exc = future.exception()
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not tiers.memory_disabled(self.location.local):
+            tiers.disable_memory(self.location.local, 0, 0, f"a checkpoint into the memory tier failed: {exc}")
 
     def busy(self) -> bool:
         return self._inflight is not None and not self._inflight.done()
@@ -268,7 +286,11 @@ class Session:
         # the persist starts before the copy and writes each region once the copy has passed it
         snap = plan(self.items, self.step, self._buffers, self.codecs, self.ranks)
         snap.seq = self._seq
+        if self.location.kind == "memory":
+            self._check_memory_room(snap.nbytes)
         future = self._persister.submit(snap)
+        if self.location.kind == "memory":
+            future.add_done_callback(self._memory_write_failed)
         try:
             fill(snap)
         except BaseException:

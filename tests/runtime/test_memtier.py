@@ -142,6 +142,22 @@ def test_real_64mib_dev_shm_falls_back_to_storage(tmp_path: Path) -> None:
     assert [s for s, _ in ckpt.listing(tmp_path / "ckpt").committed][:1] == [12]
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="cannot mount a private tmpfs here (needs user namespaces)")
+def test_a_first_checkpoint_bigger_than_dev_shm_goes_to_storage_without_failing(tmp_path: Path) -> None:
+    """80 MiB of state, a 64 MiB /dev/shm: the worker sees it cannot fit before writing a byte there."""
+    cmd = " ".join(run_cmd(tmp_path, "mt-big", worker=["--steps", "12", "--every", "5", "--size-kb", "81920", "--sleep", "0.1"]))
+    p = Proc(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {cmd}"], tmp_path)
+    try:
+        assert p.wait(100) == 0, p.text
+    finally:
+        p.kill()
+    assert any("does not fit in" in ln and "writing to the storage tier instead" in ln for ln in p.lines), p.text
+    assert "memory tier: step" not in p.text  # nothing was uploaded from memory: it all went to storage
+    assert len(START.findall(p.text)) == 1, p.text  # no checkpoint failed, no restart
+    assert [s for s, _ in ckpt.listing(tmp_path / "ckpt").committed][:2] == [12, 10]
+
+
 def test_cli_help_documents_the_memory_tier(run_python) -> None:
     out = run_python(["-m", "lattice.cli", "run", "--help"], timeout=60).stdout
     assert "--memory-tier {auto,on,off}" in out and "--memory-limit" in out and "/dev/shm" in out

@@ -20,6 +20,7 @@ import concurrent.futures
 import dataclasses
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -110,6 +111,28 @@ def resolve(checkpoint_dir: str, ranks: Ranks, environ: Mapping[str, str] | None
 def memory_disabled(memory: Path) -> bool:
     """Whether the agent (or a worker out of room) turned the memory tier off: ``<memory>/DISABLED`` exists."""
     return (memory / DISABLED).exists()
+
+
+def memory_room(memory: Path) -> int:
+    """Bytes a worker can still write into the memory dir (its filesystem's free space)."""
+    st = os.statvfs(memory)
+    return st.f_bavail * st.f_frsize
+
+
+def disable_memory(memory: Path, size: int, room: int, why: str) -> None:
+    """A worker turns the memory tier off itself (contract B): it could not write ``size`` bytes.
+
+    Writes the ``DISABLED`` record the agent reads (it logs how to make room); best effort:
+    on a full filesystem even this small file may not fit, and the worker switches anyway.
+    """
+    doc = {"by": "worker", "size": size, "room": room, "pid": os.getpid(), "message": why}
+    tmp = memory / f".{DISABLED}.{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, memory / DISABLED)
+    except OSError as exc:
+        log.warning("could not record the switch to the storage tier in %s: %s", memory, exc)
+        tmp.unlink(missing_ok=True)
 
 
 def _multi_node(ranks: Ranks, env: Mapping[str, str]) -> bool:
