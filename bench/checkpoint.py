@@ -513,7 +513,16 @@ def table(s: dict[str, list[float]], mem: dict[str, dict[str, Any]] | None, size
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    if len(sys.argv) > 1 and sys.argv[1] in ("jax", "tf"):  # the JAX (orbax) and TensorFlow cases
+        import runpy
+
+        name = sys.argv.pop(1)
+        sys.argv[0] = str(Path(__file__).with_name(f"checkpoint_{name}.py"))
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="bench/checkpoint.py jax|tf [options]: the JAX case (orbax "
+                                        "CheckpointManager) or the TensorFlow case (tf.train.CheckpointManager)")
     ap.add_argument("--size-mib", type=int, default=1024, help="state size in MiB (default 1024)")
     ap.add_argument("--tensors", type=int, default=64, help="number of float32 tensors (default 64)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions per contender, >= 3 (default 3)")
