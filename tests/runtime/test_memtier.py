@@ -245,6 +245,27 @@ def test_next_agent_stores_what_a_dead_agent_left_in_memory(tmp_path: Path) -> N
         assert os.listdir(root) == []
 
 
+@pytest.mark.timeout(60)
+def test_a_dead_agent_of_another_job_with_the_same_name_is_never_stored_here(tmp_path: Path) -> None:
+    """`lattice run` names every job "default": a leftover of one must not land in another's storage."""
+    with memory_root() as root:
+        other = MemoryTier(cfg(tmp_path, root, job="default", node="a", checkpoint_dir=str(tmp_path / "other")))
+        other.start()
+        other._stop.set()
+        other._thread.join(5)  # type: ignore[union-attr]
+        commit(other.dir, 10)  # type: ignore[arg-type]
+        os.close(other._lock_fd)  # type: ignore[arg-type]  # that agent dies
+        (tmp_path / "ckpt").mkdir()  # `lattice run` creates it
+        mine = MemoryTier(cfg(tmp_path, root, job="default", node="b"))
+        mine.start()
+        try:
+            assert ckpt.listing(tmp_path / "ckpt").committed == []
+            assert other.dir.is_dir()  # left for the next agent of *its* job and storage
+        finally:
+            assert mine.close(timeout=5)
+        shutil.rmtree(other.dir)
+
+
 def test_live_agents_directory_is_left_alone(tmp_path: Path) -> None:
     with memory_root() as root:
         live = MemoryTier(cfg(tmp_path, root, node="live"))

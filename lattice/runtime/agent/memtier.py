@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -218,7 +219,7 @@ class MemoryTier:
         if self.mode == "off":
             self._gauge("memory_tier", 0)
             return
-        for path in sorted(self.root.glob(f"lattice-{self.cfg.job}-*")):
+        for path in sorted(self.root.glob(f"{self._prefix()}-*")):
             self._rescue(path)
         size = self._stored_size()
         if size and SLOTS * size > self._room(0):
@@ -228,10 +229,10 @@ class MemoryTier:
             self._gauge("memory_tier", 0)
             return
         node = re.sub(r"[^A-Za-z0-9._-]", "_", self.cfg.node)
-        self.dir = self.root / f"lattice-{self.cfg.job}-{node}"
+        self.dir = self.root / f"{self._prefix()}-{node}"
         self.dir.mkdir(mode=0o700, exist_ok=True)
         self._lock_fd = _lock(self.dir, {"job": self.cfg.job, "node": self.cfg.node, "pid": os.getpid(),
-                                         "host": socket.gethostname()})
+                                         "host": socket.gethostname(), "storage": str(self.cfg.checkpoint_dir)})
         if self._lock_fd is None:
             raise ConfigError(f"memory dir {self.dir} is held by another live agent with node id {self.cfg.node!r}")
         log.info("memory tier on: workers checkpoint into %s (room %s), persisted to %s", self.dir,
@@ -434,10 +435,17 @@ class MemoryTier:
             log.warning("memory tier: could not read the newest checkpoint's size from storage (%s)", exc)
             return 0
 
+    def _prefix(self) -> str:
+        """Memory dirs are per job *and* storage: two jobs of the same name (``lattice run`` calls
+        every job "default") that checkpoint to different places never see each other's dirs."""
+        where = hashlib.sha256(str(self.cfg.checkpoint_dir).encode()).hexdigest()[:12]
+        return f"lattice-{self.cfg.job}-{where}"
+
     def _rescue(self, path: Path) -> None:
         """A memory dir of this job whose agent is gone: store its newest checkpoint if storage lacks it."""
         owner = _owner(path)
-        if owner.get("job") != self.cfg.job or not path.is_dir():
+        if owner.get("job") != self.cfg.job or owner.get("storage") != str(self.cfg.checkpoint_dir) \
+                or not path.is_dir():
             return
         fd = _lock(path, {})
         if fd is None:
