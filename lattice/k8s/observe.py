@@ -10,8 +10,10 @@ that condition's transition time.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -85,6 +87,45 @@ def worker_from_pod(pod: Mapping[str, Any]) -> Worker | None:
         message=_failure_message(status) if phase == FAILED else "",
         last_checkpoint=checkpoint if isinstance(checkpoint, Mapping) else None,
         round=round_ if isinstance(round_, int) else None)
+
+
+_METRIC = re.compile(r"^lattice_(checkpointing|last_committed_step|last_committed_time|round)\{[^}]*\}\s+(\S+)$")
+
+
+def annotations_from_metrics(text: str, url: str | None = None) -> dict[str, str]:
+    """The agent's Prometheus metrics (``--metrics-port``) as the worker annotations reconcile reads:
+    mid-checkpoint (a planned stop under way), the last committed checkpoint, the round."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if m := _METRIC.match(line.strip()):
+            try:
+                values[m.group(1)] = float(m.group(2))
+            except ValueError:
+                continue
+    out: dict[str, str] = {}
+    if "checkpointing" in values:
+        out[CHECKPOINTING_ANNOTATION] = "true" if values["checkpointing"] >= 1 else "false"
+    if values.get("round") is not None:
+        out[ROUND_ANNOTATION] = str(int(values["round"]))
+    if values.get("last_committed_time"):
+        when = datetime.datetime.fromtimestamp(values["last_committed_time"], datetime.UTC)
+        ckpt: dict[str, Any] = {"step": int(values.get("last_committed_step", 0)),
+                                "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")}
+        if url:
+            ckpt["url"] = url
+        out[LAST_CHECKPOINT_ANNOTATION] = json.dumps(ckpt)
+    return out
+
+
+def with_agent_status(pod: Mapping[str, Any], metrics_text: str | None, url: str | None = None) -> dict[str, Any]:
+    """``pod`` with the annotations its agent's metrics give (pod annotations set by hand win)."""
+    out = dict(pod)
+    if not metrics_text:
+        return out
+    meta = dict(pod.get("metadata") or {})
+    meta["annotations"] = {**annotations_from_metrics(metrics_text, url), **(meta.get("annotations") or {})}
+    out["metadata"] = meta
+    return out
 
 
 def owned_by(pod: Mapping[str, Any], job: Mapping[str, Any]) -> bool:

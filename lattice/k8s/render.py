@@ -79,6 +79,8 @@ def _env(spec: JobSpec, index: int, grace: int) -> list[dict[str, Any]]:
     return env
 
 
+METRICS_PORT = 9400  # the agent's Prometheus metrics; the operator reads checkpointing/round from it
+
 AGENT_FLAGS = [
     "--nnodes", "$(LATTICE_MIN_SIZE):$(LATTICE_MAX_SIZE)",
     "--nproc-per-node", "$(LATTICE_NPROC_PER_NODE)",
@@ -88,6 +90,7 @@ AGENT_FLAGS = [
     "--rdzv-id", "$(LATTICE_JOB)",
     "--node-addr", "$(LATTICE_POD_IP)",
     "--grace", "$(LATTICE_AGENT_GRACE)",
+    "--metrics-port", str(METRICS_PORT), "--metrics-addr", "0.0.0.0",
 ]
 
 
@@ -106,6 +109,8 @@ def _inject(container: dict[str, Any], env: list[dict[str, Any]], where: str) ->
                       *(container.get("args") or [])]
     out.pop("args", None)
     out["env"] = [e for e in container.get("env") or [] if e.get("name") not in ours] + env
+    ports = [p for p in container.get("ports") or [] if p.get("containerPort") != METRICS_PORT]
+    out["ports"] = ports + [{"name": "lattice-metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}]
     return out
 
 

@@ -138,7 +138,14 @@ def command(container: Mapping[str, Any], env: Mapping[str, str], settings: Loca
     if training and training[0] in PYTHONS:
         training[0] = sys.executable
     local = ["--ttl", f"{settings.ttl:g}", "--last-call", f"{settings.last_call:g}"]
-    return [sys.executable, "-m", "lattice.cli", head[1], *local, *head[2:], "--", *training]
+    flags = head[2:]
+    if "--metrics-port" in flags:  # one port per pod on a cluster; local agents share a host
+        i = flags.index("--metrics-port")
+        del flags[i:i + 2]
+    if "--metrics-addr" in flags:
+        i = flags.index("--metrics-addr")
+        del flags[i:i + 2]
+    return [sys.executable, "-m", "lattice.cli", head[1], *local, *flags, "--", *training]
 
 
 def launch(spec: JobSpec, index: int, settings: LocalSettings) -> Launch:

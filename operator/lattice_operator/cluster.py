@@ -7,8 +7,11 @@ creating a pod or Service that exists (409) and deleting one that is gone (404) 
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import logging
+import os
+import urllib.request
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -16,6 +19,8 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from lattice.k8s.observe import with_agent_status
+from lattice.k8s.render import METRICS_PORT
 from lattice.k8s.spec import GROUP, JOB_LABEL, KIND, PLURAL, VERSION
 
 log = logging.getLogger("lattice.operator")
@@ -25,6 +30,16 @@ COMPONENT = "lattice-operator"
 def _ignore(status: int, exc: ApiException) -> None:
     if exc.status != status:
         raise exc
+
+
+def _agent_metrics(pod: Mapping[str, Any]) -> str | None:
+    url = f"http://{pod['status']['podIP']}:{METRICS_PORT}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as resp:
+            return resp.read(1 << 20).decode("utf-8", "replace")
+    except (OSError, ValueError) as exc:
+        log.debug("no agent metrics from %s: %s", url, exc)
+        return None
 
 
 class Cluster:
@@ -50,6 +65,18 @@ class Cluster:
         """The pods labelled with the job's name (the caller checks ownership)."""
         pods = self.core.list_namespaced_pod(namespace, label_selector=f"{JOB_LABEL}={job}")
         return [self._dict(p) for p in pods.items]
+
+    def with_agent_status(self, pods: list[dict[str, Any]], url: str | None = None) -> list[dict[str, Any]]:
+        """Each running pod with what its agent's metrics say (mid-checkpoint, last checkpoint,
+        round), read from ``http://<podIP>:9400/metrics`` in parallel with a short timeout; a pod
+        that does not answer is taken as it is (not mid-checkpoint)."""
+        targets = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"
+                   and (p.get("status") or {}).get("podIP")]
+        if not targets or os.environ.get("LATTICE_OPERATOR_READ_AGENTS", "1") == "0":
+            return pods
+        with concurrent.futures.ThreadPoolExecutor(min(16, len(targets))) as pool:
+            texts = dict(zip((id(p) for p in targets), pool.map(_agent_metrics, targets), strict=True))
+        return [with_agent_status(p, texts.get(id(p)), url) for p in pods]
 
     def create(self, obj: Mapping[str, Any]) -> bool:
         """Create a pod or Service; False if one of that name exists already."""

@@ -76,7 +76,11 @@ def reconcile_job(namespace: str, name: str, api: Cluster | None = None, now: fl
         except ConfigError as exc:
             _invalid(api, job, exc)
             raise kopf.PermanentError(str(exc)) from None
-        plan = reconcile(spec, observed_from(job, api.list_pods(namespace, name)), now or time.time())
+        pods = api.list_pods(namespace, name)
+        reader = getattr(api, "with_agent_status", None)  # what each pod's agent says (checkpointing, ...)
+        if reader is not None:
+            pods = reader(pods, spec.checkpoint.url)
+        plan = reconcile(spec, observed_from(job, pods), now or time.time())
         _apply(api, job, spec, plan)
         return plan
 

@@ -59,7 +59,7 @@ class Agent:
         if metrics is None and cfg.metrics_port is not None:
             from .metrics import Metrics
 
-            self.metrics = Metrics(cfg.job, cfg.node, cfg.metrics_port)
+            self.metrics = Metrics(cfg.job, cfg.node, cfg.metrics_port, cfg.metrics_addr)
         self._stop = threading.Event()
         self.restarts = 0
         self.log = _Log(log, {"job": cfg.job, "node": cfg.node, "round": "-", "rank": "-"})
@@ -248,7 +248,9 @@ class Agent:
         if outcome in (STOP, JOIN_PENDING, STOP_AT):
             leaving = self._stop.is_set()  # SIGTERM, possibly while another agent's stop is under way
             record = self._announce_stop(a.round, group, leaving)
+            self._gauge("checkpointing", 1)  # the operator keeps such a pod (lattice/k8s/observe.py)
             group.stop(planned=True, at_step=record["at"])
+            self._gauge("checkpointing", 0)
             self._count_exits(group, "planned")
             if leaving:
                 return 0  # leaving the rendezvous (in run()) lets the others form the next round

@@ -24,6 +24,8 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rdzv-id", "--rdzv_id", default="default", help="the job's name in the KV store")
     p.add_argument("--checkpoint-dir", default=None, help="default: $LATTICE_CHECKPOINT_DIR or ./checkpoints")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-addr", default="127.0.0.1",
+                   help="address the metrics server binds (default 127.0.0.1; 0.0.0.0 in a pod)")
     p.add_argument("--node-addr", default="127.0.0.1", help="address peers use to reach this node's rank 0")
     p.add_argument("--last-call", type=float, default=2.0, help="seconds a round waits for more nodes after MIN")
     p.add_argument("--grace", type=float, default=30.0, help="seconds workers get to checkpoint and exit on a planned stop")
@@ -66,7 +68,7 @@ def config_from_args(args: argparse.Namespace, require_endpoint: bool = False) -
     ckpt = ckpt if "://" in ckpt else os.path.abspath(ckpt)  # a URL (s3://, lattice://) stays as given
     return AgentConfig(command=command, min_nodes=lo, max_nodes=hi, nproc_per_node=args.nproc_per_node,
                        max_restarts=args.max_restarts, backend=args.rdzv_backend, endpoint=args.rdzv_endpoint,
-                       job=args.rdzv_id, checkpoint_dir=ckpt, metrics_port=args.metrics_port,
+                       job=args.rdzv_id, checkpoint_dir=ckpt, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
                        addr=args.node_addr, last_call=args.last_call, grace=args.grace, ttl=args.ttl,
                        spares=not args.no_spares, auto=auto,
                        preload=tuple(m.strip() for m in args.spare_preload.split(",") if m.strip()),

@@ -42,6 +42,7 @@ class AgentConfig:
     ttl: float = 10.0
     grace: float = 30.0
     metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"  # 0.0.0.0 in a pod, so the operator can read it
     min_session_ttl: float = 10.0
     spares: bool = True  # restart workers in warm spare processes (single-agent jobs; see spare.py)
     preload: tuple[str, ...] = DEFAULT_PRELOAD  # modules a spare imports while it waits

@@ -3,6 +3,7 @@ exits by cause, and its workers' checkpoint stall, persist duration and last com
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 
@@ -18,6 +19,8 @@ class Metrics:
         for name, doc in (("round", "current rendezvous round"), ("world_size", "agents in the current round"),
                           ("restarts", "worker-failure restarts used by the job"),
                           ("last_committed_step", "newest checkpoint step committed by this node's workers"),
+                          ("last_committed_time", "unix time this agent first saw last_committed_step"),
+                          ("checkpointing", "1 while a planned stop has the workers checkpoint and exit"),
                           ("checkpoint_stall_seconds", "training time blocked by the last snapshot"),
                           ("checkpoint_persist_seconds", "duration of the last persist+commit"),
                           ("memory_tier", "1 while checkpoints go to the agent's memory tier, else 0"),
@@ -43,6 +46,8 @@ class Metrics:
 
     def checkpoint(self, committed: int | None, stall_s: float, persist_s: float) -> None:
         if committed is not None:
+            if committed != self._gauges["last_committed_step"]._value.get():
+                self.set("last_committed_time", time.time())
             self.set("last_committed_step", committed)
             self.set("checkpoint_stall_seconds", stall_s)
             self.set("checkpoint_persist_seconds", persist_s)
