@@ -4,8 +4,8 @@ Runs the same small MLP training script as ``bench/overhead.py`` (64 -> 256 -> 1
 batch 64, ``num_workers=0``, one thread) under ``valgrind --tool=callgrind``, plain and under
 ``python -m lattice.auto`` with checkpointing off, for two step counts each; the per-step cost
 is the difference divided by the extra steps, so start-up (imports, the freeze) cancels out.
-Callgrind counts every instruction of every thread; the count is repeatable for the same
-binary and inputs. It does not see memory stalls, so it complements, not replaces, the timed
+Callgrind counts the main thread's instructions (with ``PYTHONHASHSEED=0``); the count is
+repeatable for the same binary and inputs. It does not see memory stalls, so it complements, not replaces, the timed
 benchmark. Takes about 6 minutes on 2 cores.
 
 Run: ``.venv/bin/python bench/overhead_instructions.py [--steps 50 250]``
@@ -49,11 +49,18 @@ while k < steps:
 
 
 def instructions(argv: list[str], env: dict[str, str], work: Path) -> int:
-    out = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/cg.out", *argv],
-                         env={**os.environ, **env}, cwd=work, capture_output=True, text=True, timeout=1800)
-    m = re.search(r"Collected : (\d+)", out.stderr)
+    """Instructions the main thread executed (other threads: torch's and Python's helpers, whose
+    spin-waits vary from run to run); string hashing is fixed so both runs take the same paths."""
+    out = subprocess.run(["valgrind", "--tool=callgrind", "--separate-threads=yes",
+                          f"--callgrind-out-file={work}/cg.out", *argv],
+                         env={**os.environ, "PYTHONHASHSEED": "0", **env}, cwd=work, capture_output=True,
+                         text=True, timeout=1800)
+    main = work / "cg.out-01"
+    m = re.search(r"^summary: (\d+)", main.read_text(), re.M) if main.exists() else None
     if out.returncode != 0 or m is None:
         raise SystemExit(f"{argv} failed under valgrind:\n{out.stderr[-2000:]}")
+    for f in work.glob("cg.out*"):
+        f.unlink()
     return int(m.group(1))
 
 
