@@ -67,6 +67,7 @@ def _env(spec: JobSpec, index: int, grace: int) -> list[dict[str, Any]]:
     values: dict[str, Any] = {
         "LATTICE_JOB": spec.name, "LATTICE_NAMESPACE": spec.namespace, "LATTICE_WORKER_INDEX": index,
         "LATTICE_MIN_SIZE": spec.min_size, "LATTICE_MAX_SIZE": spec.max_size,
+        "LATTICE_SPEC_GENERATION": spec.generation or None,  # newer min/max reach running agents
         "LATTICE_NPROC_PER_NODE": spec.nproc_per_node, "LATTICE_MAX_RESTARTS": spec.max_restarts,
         "LATTICE_RDZV_BACKEND": rdzv.backend, "LATTICE_RDZV_ENDPOINT": rdzv.endpoint,
         "LATTICE_AGENT_GRACE": max(1, grace - LEAVE_TIME),

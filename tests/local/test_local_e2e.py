@@ -120,3 +120,20 @@ def test_delete_stops_every_process_and_keeps_the_checkpoints(local: Local, tmp_
     assert inspect.listing(local.job_dir("gone") / "checkpoints").committed  # storage outlives the job
     missing = local.run("get", "gone", check=False)
     assert missing.returncode != 0 and 'trainingjob "gone" not found' in missing.stderr
+
+
+@pytest.mark.timeout(180)
+def test_raising_max_size_lets_a_new_worker_join_the_running_ones(local: Local, tmp_path: Path) -> None:
+    """maxSize 2 -> 3 (and replicas 2 -> 3) by re-applying the file: the running agents keep their
+    flags (a pod's cannot change) yet let the new one in, since it brings the newer limits."""
+    (local.cwd / "job.yaml").write_text(job_yaml("grow", tmp_path / "never", replicas=2, max_size=2))
+    local.run("apply", "-f", "job.yaml")
+    s = local.wait("grow", ready(2), "2 workers ready")
+    before = {p["index"]: p["pid"] for p in local.pods("grow")}
+    (local.cwd / "job.yaml").write_text(job_yaml("grow", tmp_path / "never", replicas=3, max_size=3))
+    local.run("apply", "-f", "job.yaml")
+    local.wait("grow", ready(3, s["round"]), "3 workers ready after raising maxSize", timeout=90)
+    after = {p["index"]: p["pid"] for p in local.pods("grow")}
+    assert after[0] == before[0] and after[1] == before[1]  # the running workers were not replaced
+    local.wait_log("grow", 0, " of 3 start at step")  # worker 0 is in the 3-rank world
+    local.run("delete", "grow")

@@ -97,7 +97,7 @@ class Agent:
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
         store = self._open_store()
-        limits = Limits(self.cfg.min_nodes, self.cfg.max_nodes, self.cfg.last_call)
+        limits = Limits(self.cfg.min_nodes, self.cfg.max_nodes, self.cfg.last_call, self.cfg.spec_generation)
         handler = RendezvousHandler(store, self.cfg.job, self.cfg.node, limits, addr=self.cfg.addr,
                                     ttl=self.cfg.ttl)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -45,8 +46,6 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, require_endpoint: bool = False) -> AgentConfig:
-    import os
-
     if args.rdzv_backend not in BACKENDS:
         raise ConfigError(f"--rdzv-backend {args.rdzv_backend!r} is unknown; use one of {', '.join(BACKENDS)}")
     if args.rdzv_backend != "embedded" and not args.rdzv_endpoint:
@@ -69,6 +68,7 @@ def config_from_args(args: argparse.Namespace, require_endpoint: bool = False) -
     return AgentConfig(command=command, min_nodes=lo, max_nodes=hi, nproc_per_node=args.nproc_per_node,
                        max_restarts=args.max_restarts, backend=args.rdzv_backend, endpoint=args.rdzv_endpoint,
                        job=args.rdzv_id, checkpoint_dir=ckpt, metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
+                       spec_generation=_generation(),
                        addr=args.node_addr, last_call=args.last_call, grace=args.grace, ttl=args.ttl,
                        spares=not args.no_spares, auto=auto,
                        preload=tuple(m.strip() for m in args.spare_preload.split(",") if m.strip()),
@@ -104,3 +104,13 @@ def add_cli(sub: Any) -> None:
     agent = sub.add_parser("agent", help="one node's agent of a multi-node job (needs --rdzv-endpoint)")
     _add_flags(agent)
     agent.set_defaults(fn=lambda a: cmd_run(a, require_endpoint=True))
+
+
+def _generation() -> int:
+    """``LATTICE_SPEC_GENERATION`` (set by the operator): agents of a newer TrainingJob spec
+    publish their ``--nnodes`` limits to the job's other agents."""
+    raw = os.environ.get("LATTICE_SPEC_GENERATION", "0")
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        raise ConfigError(f"LATTICE_SPEC_GENERATION={raw!r} is not an integer") from None

@@ -43,6 +43,7 @@ class AgentConfig:
     grace: float = 30.0
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"  # 0.0.0.0 in a pod, so the operator can read it
+    spec_generation: int = 0  # LATTICE_SPEC_GENERATION: newer min/max published by any agent win
     min_session_ttl: float = 10.0
     spares: bool = True  # restart workers in warm spare processes (single-agent jobs; see spare.py)
     preload: tuple[str, ...] = DEFAULT_PRELOAD  # modules a spare imports while it waits

@@ -33,6 +33,7 @@ class Limits:
     min_nodes: int
     max_nodes: int
     last_call: float = 5.0  # seconds between reaching min_nodes and closing the round
+    generation: int = 0  # the job spec's generation these limits come from (0: none, fixed limits)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_nodes <= self.max_nodes:
@@ -47,6 +48,7 @@ class RoundState:
     ranks: tuple[tuple[str, int], ...] = ()  # closed: this round's ranks; open: the previous round's
     deadline: float | None = None  # open: when the last call ends
     waiting: tuple[str, ...] = ()  # closed: agents that want to join the next round
+    sizes: tuple[int, int, int] | None = None  # (generation, min, max) of the newest limits seen
 
     @property
     def rank_of(self) -> dict[str, int]:
@@ -60,9 +62,10 @@ class RoundState:
         if not raw:
             return cls()
         d: dict[str, Any] = json.loads(raw)
+        sizes = d.get("sizes")
         return cls(round=d["round"], phase=d["phase"], joined=tuple(d["joined"]),
                    ranks=tuple((n, r) for n, r in d["ranks"]), deadline=d["deadline"],
-                   waiting=tuple(d["waiting"]))
+                   waiting=tuple(d["waiting"]), sizes=tuple(sizes) if sizes else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +95,25 @@ class Run:
 Action = Write | Wait | Run
 
 
+def effective(state: RoundState, limits: Limits) -> Limits:
+    """The limits to act on: this agent's, or newer ones another agent published in the document.
+
+    Agents started from an older spec (a Kubernetes pod's flags cannot change) follow the limits
+    of the newest spec generation any agent of the job brought, so raising ``maxSize`` lets new
+    agents in without replacing the running ones.
+    """
+    if state.sizes is None or state.sizes[0] <= limits.generation:
+        return limits
+    gen, lo, hi = state.sizes
+    return Limits(lo, hi, limits.last_call, gen)
+
+
 def decide(state: RoundState, me: str, alive: frozenset[str], now: float, limits: Limits) -> Action:
     """The next action of agent ``me`` given the observed document and live agents."""
+    if limits.generation > 0 and (state.sizes is None or state.sizes[0] < limits.generation):
+        mine = (limits.generation, limits.min_nodes, limits.max_nodes)
+        return Write(dataclasses.replace(state, sizes=mine))  # publish newer limits first
+    limits = effective(state, limits)
     if state.phase == CLOSED:
         return _closed(state, me, alive, limits)
     return _open(state, me, alive, now, limits)
@@ -140,7 +160,8 @@ def close(state: RoundState) -> RoundState:
     free = iter(sorted(set(range(n)) - set(kept.values())))
     ranks = {node: kept[node] if node in kept else next(free) for node in state.joined}
     return RoundState(round=state.round, phase=CLOSED, joined=(),
-                      ranks=tuple(sorted(ranks.items(), key=lambda kv: kv[1])), deadline=None, waiting=())
+                      ranks=tuple(sorted(ranks.items(), key=lambda kv: kv[1])), deadline=None, waiting=(),
+                      sizes=state.sizes)
 
 
 def reopen(state: RoundState) -> RoundState:
@@ -148,4 +169,5 @@ def reopen(state: RoundState) -> RoundState:
 
     Everyone joins again; the closed round's ranks are kept as the preference for the next.
     """
-    return RoundState(round=state.round + 1, phase=OPEN, joined=(), ranks=state.ranks, deadline=None, waiting=())
+    return RoundState(round=state.round + 1, phase=OPEN, joined=(), ranks=state.ranks, deadline=None, waiting=(),
+                      sizes=state.sizes)

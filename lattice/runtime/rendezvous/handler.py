@@ -60,6 +60,7 @@ from lattice.runtime.rendezvous.decide import (
     Wait,
     Write,
     decide,
+    effective,
     reopen,
 )
 from lattice.runtime.rendezvous.session import Backoff, MemberSession
@@ -187,7 +188,7 @@ class RendezvousHandler:
         if self._node not in view.members:  # our key vanished (lapsed session): put it back
             self._session.ensure_key()
             return self._observe()
-        state = fold_members(view.state, view.members, self._limits)
+        state = fold_members(view.state, view.members, effective(view.state, self._limits))
         action = decide(state, self._node, self._alive(view), self._clock(), self._limits)
         if isinstance(action, Run):
             return self._make_assignment(view, action)
@@ -294,7 +295,7 @@ class RendezvousHandler:
             return PeerLost(mine.round, gone, "membership key vanished or was re-created")
         ranks = state.rank_of
         waiting = tuple(n for n in state.waiting if n in view.members and n not in ranks)
-        if waiting and len(ranks) < self._limits.max_nodes:
+        if waiting and len(ranks) < effective(state, self._limits).max_nodes:
             return JoinPending(mine.round, waiting)
         return None
 
