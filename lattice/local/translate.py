@@ -86,7 +86,8 @@ def notes(spec: JobSpec) -> list[str]:
     others = [c.get("name") for c in pod["spec"]["containers"] if c is not main]
     if others:
         out.append(f"containers {others} are ignored locally: only the training container runs")
-    out += [f"container {main.get('name')!r}: {key} is ignored locally" for key in _IGNORED if key in main]
+    users = {**main, "ports": [p for p in main.get("ports") or [] if p.get("containerPort") != render.METRICS_PORT]}
+    out += [f"container {main.get('name')!r}: {key} is ignored locally" for key in _IGNORED if users.get(key)]
     out += [f"env {e['name']}: valueFrom {sorted(e['valueFrom'])} has no local meaning; not set"
             for e in main.get("env") or () if "valueFrom" in e and _field_value(e, pod) is None]
     if pod["spec"].get("volumes"):
