@@ -168,16 +168,24 @@ def _iter(self: Any, base: type) -> Any:
     return _Counting(it, pos, elastic)
 
 
+def elastic_sampler(loader: Any) -> Any:
+    """The ``ElasticSampler`` that positions ``loader`` (behind transparent mode's
+    ``DistributedSampler`` stand-in, if so), or None."""
+    sampler = getattr(loader, "sampler", None)
+    if not getattr(sampler, "lattice_elastic", False):
+        return None
+    return getattr(sampler, "elastic", sampler)
+
+
 def _elastic(loader: Any) -> Any:
     """The loader's elastic sampler, now driven by this loader's delivered batches, or None.
 
     The loader's ``BatchSampler`` follows the sampler's batch size (the resize policy may
     have changed it); ``loader.batch_size`` itself is read-only after construction.
     """
-    sampler = getattr(loader, "sampler", None)
-    if not getattr(sampler, "lattice_elastic", False) or loader.batch_sampler is None:
+    sampler = elastic_sampler(loader)
+    if sampler is None or loader.batch_sampler is None:
         return None
-    sampler = getattr(sampler, "elastic", sampler)  # transparent mode's DistributedSampler stand-in
     sampler.driven_by_loader = True
     if hasattr(loader.batch_sampler, "batch_size") and loader.batch_sampler.batch_size != sampler.batch_size:
         loader.batch_sampler.batch_size = sampler.batch_size
@@ -239,7 +247,7 @@ class DataLoaderAdapter(Adapter):
         if tree.get("generator") is not None and obj.generator is not None:
             obj.generator.set_state(tree["generator"])  # where an uninterrupted run's would be now
         fresh = tree["base_rng"] is None or tree["sampler_rng"] is None or tree["exhausted"]
-        if getattr(obj.sampler, "lattice_elastic", False) and not fresh:
+        if elastic_sampler(obj) is not None and not fresh:
             pos.epoch -= 1  # an ElasticSampler positions itself: the next iter() re-enters this epoch
             fresh = True
         pos.resume = None if fresh else dict(tree)
@@ -248,7 +256,5 @@ class DataLoaderAdapter(Adapter):
     def companions(self, obj: Any) -> dict[str, Any]:
         """An elastic sampler is registered with its loader, as ``<loader>_sampler``: its state is
         the same on every rank (replicated), while the loader's own is per rank."""
-        sampler = getattr(obj, "sampler", None)
-        if getattr(sampler, "lattice_elastic", False):
-            return {"sampler": getattr(sampler, "elastic", sampler)}
-        return {}
+        sampler = elastic_sampler(obj)
+        return {"sampler": sampler} if sampler is not None else {}

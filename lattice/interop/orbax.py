@@ -26,8 +26,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ..core import config as _config
 from ..core.errors import ConfigError
+from . import write_checkpoint
 from .arrays import read_checkpoint
 
 log = logging.getLogger("lattice")
@@ -170,7 +170,6 @@ def import_orbax(src: str | os.PathLike[str], directory: str | os.PathLike[str],
     from ..adapters.jax import PytreeAdapter
     from ..core.adapter import AdapterRegistry
     from ..core.arrays import CODECS
-    from ..core.session import Session
 
     class Imported:
         def __init__(self, tree: Any):
@@ -190,18 +189,7 @@ def import_orbax(src: str | os.PathLike[str], directory: str | os.PathLike[str],
     registry = AdapterRegistry(BUILTINS, CODECS)
     registry.all()  # load the built-ins (and the jax codec) first: ours replaces "jax.pytree"
     registry.register(ImportedAdapter(), replace=True)
-    cfg = _config.from_env().replace(checkpoint_dir=str(directory), restore=False, capture_rng=False,
-                                     every_steps=None, every_seconds=None)
-    session = Session(cfg, registry, CODECS)
-    try:
-        session.register(objects)
-        session.step = found
-        session.checkpoint()
-        path = session.wait()
-    finally:
-        session.close()
-    assert path is not None
-    return path
+    return write_checkpoint(directory, registry, CODECS, objects, found)
 
 
 def restore_orbax(src: str | os.PathLike[str], *, step: int | None = None, item: str | None = None,

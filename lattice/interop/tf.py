@@ -24,11 +24,10 @@ import numpy as np
 from ..core import inspect as _inspect
 from ..core.adapter import Adapter, AdapterRegistry
 from ..core.arrays import Codecs
-from ..core.config import from_env
 from ..core.errors import CheckpointError, ConfigError, StateMismatchError
 from ..core.restore import read_manifest, restore_from
-from ..core.session import Session
 from ..core.snapshot import Item
+from . import write_checkpoint
 
 log = logging.getLogger("lattice")
 _VALUE = "/.ATTRIBUTES/VARIABLE_VALUE"
@@ -251,15 +250,6 @@ def import_tf(src: str | os.PathLike[str], ckpt_dir: str | os.PathLike[str], ste
     registry = AdapterRegistry((), Codecs())
     for adapter in {a for a, _ in items.values()}:
         registry.register(_Fixed(adapter, adapter == "tf.random.generator"))
-    cfg = from_env().replace(checkpoint_dir=str(ckpt_dir), restore=False, capture_rng=False, every_steps=None,
-                             every_seconds=None)
-    session = Session(cfg, registry, registry.codecs)
-    try:
-        session.step = int(step if step is not None else (counter[1] if counter is not None else 0))
-        session.register({n: _Imported(a, t) for n, (a, t) in items.items()})
-        session.checkpoint()
-        path = session.wait()
-    finally:
-        session.close()
-    assert path is not None
-    return path
+    step_ = int(step if step is not None else (counter[1] if counter is not None else 0))
+    return write_checkpoint(ckpt_dir, registry, registry.codecs,
+                            {n: _Imported(a, t) for n, (a, t) in items.items()}, step_)

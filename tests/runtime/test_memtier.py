@@ -124,16 +124,24 @@ def test_memory_limit_too_small_falls_back_to_storage(tmp_path: Path) -> None:
     assert [s for s, _ in ckpt.listing(tmp_path / "ckpt").committed][:1] == [20]
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.skipif(not can_mount_tmpfs(), reason="cannot mount a private tmpfs here (needs user namespaces)")
-def test_real_64mib_dev_shm_falls_back_to_storage(tmp_path: Path) -> None:
-    """The container default: a 64 MiB /dev/shm (a real tmpfs, mounted in a private mount namespace)."""
-    cmd = " ".join(run_cmd(tmp_path, "mt-64m", worker=["--steps", "12", "--every", "5", "--size-kb", "40960", "--sleep", "0.2"]))
+def run_with_64mib_shm(tmp_path: Path, job: str, size_kb: int, sleep: float) -> Proc:
+    """``lattice run`` of 12 steps (checkpoint every 5) with a real 64 MiB tmpfs on /dev/shm, mounted
+    in a private mount namespace; returns the finished process (it must exit 0)."""
+    worker = ["--steps", "12", "--every", "5", "--size-kb", str(size_kb), "--sleep", str(sleep)]
+    cmd = " ".join(run_cmd(tmp_path, job, worker=worker))
     p = Proc(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {cmd}"], tmp_path)
     try:
         assert p.wait(100) == 0, p.text
     finally:
         p.kill()
+    return p
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="cannot mount a private tmpfs here (needs user namespaces)")
+def test_real_64mib_dev_shm_falls_back_to_storage(tmp_path: Path) -> None:
+    """The container default: a 64 MiB /dev/shm (a real tmpfs, mounted in a private mount namespace)."""
+    p = run_with_64mib_shm(tmp_path, "mt-64m", size_kb=40960, sleep=0.2)
     errors = [ln for ln in p.lines if " ERROR " in ln and "/dev/shm is too small" in ln]
     assert len(errors) == 1 and "needs room for 2 (80.0 MiB)" in errors[0] and "--shm-size=128m" in errors[0], p.text
     assert re.search(r"can use only 6\d\.\d MiB", errors[0]), errors[0]
@@ -146,12 +154,7 @@ def test_real_64mib_dev_shm_falls_back_to_storage(tmp_path: Path) -> None:
 @pytest.mark.skipif(not can_mount_tmpfs(), reason="cannot mount a private tmpfs here (needs user namespaces)")
 def test_a_first_checkpoint_bigger_than_dev_shm_goes_to_storage_without_failing(tmp_path: Path) -> None:
     """80 MiB of state, a 64 MiB /dev/shm: the worker sees it cannot fit before writing a byte there."""
-    cmd = " ".join(run_cmd(tmp_path, "mt-big", worker=["--steps", "12", "--every", "5", "--size-kb", "81920", "--sleep", "0.1"]))
-    p = Proc(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64m tmpfs /dev/shm && exec {cmd}"], tmp_path)
-    try:
-        assert p.wait(100) == 0, p.text
-    finally:
-        p.kill()
+    p = run_with_64mib_shm(tmp_path, "mt-big", size_kb=81920, sleep=0.1)
     assert any("does not fit in" in ln and "writing to the storage tier instead" in ln for ln in p.lines), p.text
     assert "memory tier: step" not in p.text  # nothing was uploaded from memory: it all went to storage
     assert len(START.findall(p.text)) == 1, p.text  # no checkpoint failed, no restart
