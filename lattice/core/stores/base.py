@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 from pathlib import Path
 from typing import BinaryIO
 
+import crc32c as _crc
+
 from .. import fmt
-from ..errors import CorruptCheckpointError
+from ..errors import CheckpointError, CorruptCheckpointError
 
 log = logging.getLogger("lattice")
 
@@ -147,6 +150,31 @@ class Store(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+
+def manifest_for_commit(manifest: bytes, step: int, where: str) -> dict:
+    """The parsed manifest a ``commit`` of ``step`` was given; ``CheckpointError`` if it is invalid
+    or names another step (checked before anything is published)."""
+    try:
+        doc = fmt.parse_manifest(manifest)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"cannot commit {where}: the manifest is not valid: {exc}") from None
+    if doc["step"] != step:
+        raise CheckpointError(f"cannot commit {where}: the manifest is for step {doc['step']}")
+    return doc
+
+
+def copy_with_crc(src: BinaryIO, dest: Path, chunk: int = 8 << 20) -> tuple[int, int]:
+    """Stream ``src`` into a new file ``dest`` (fsynced); returns (bytes, crc32c) of what was written."""
+    crc, n = 0, 0
+    with open(dest, "wb") as out:
+        while data := src.read(chunk):
+            crc = _crc.crc32c(data, crc)
+            n += len(data)
+            out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    return n, crc
 
 
 def parses(raw: bytes, step: int) -> bool:

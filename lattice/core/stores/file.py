@@ -7,18 +7,15 @@ manifest), exactly as a local checkpoint commits; so the directory can be restor
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
-import crc32c as _crc
-
 from .. import fmt
 from ..errors import CheckpointError, ConfigError, CorruptCheckpointError
 from ..storage import LocalDirectory, write_durable
-from .base import Store, check_name
+from .base import Store, check_name, copy_with_crc, manifest_for_commit
 
 COPY_CHUNK = 8 << 20
 
@@ -64,14 +61,8 @@ class FileStore(Store):
             self.dir.prepare()
             tmp = self._pending[step] = self.dir.new_tmp(step)
         dest = tmp / name
-        crc, n = 0, 0
-        with open(path, "rb") as src, open(dest, "wb") as out:
-            while chunk := src.read(COPY_CHUNK):
-                crc = _crc.crc32c(chunk, crc)
-                n += len(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
+        with open(path, "rb") as src:
+            n, crc = copy_with_crc(src, dest, COPY_CHUNK)
         if (n, crc) != (size, crc32c):
             dest.unlink(missing_ok=True)
             raise CorruptCheckpointError(str(path), None, f"changed while uploading: {n} bytes crc32c {crc:08x}, "
@@ -80,7 +71,7 @@ class FileStore(Store):
     def commit(self, step: int, manifest: bytes, keep: int | None = None) -> None:
         """Write the manifest into the upload directory and rename it to ``step-N`` (atomic)."""
         tmp = self._pending.get(step)
-        doc = _parse(manifest, step, self.describe(step))
+        doc = manifest_for_commit(manifest, step, self.describe(step))
         missing = [n for n, i in doc["files"].items()
                    if tmp is None or not (tmp / n).is_file() or (tmp / n).stat().st_size != i["size"]]
         if missing:
@@ -119,12 +110,3 @@ class FileStore(Store):
         """Remove upload directories of dead writers on this host and trash left by deletions."""
         return [str(p) for p in self.dir.cleanup_leftovers()]
 
-
-def _parse(manifest: bytes, step: int, where: str) -> dict:
-    try:
-        doc = fmt.parse_manifest(manifest)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"cannot commit {where}: the manifest is not valid: {exc}") from None
-    if doc["step"] != step:
-        raise CheckpointError(f"cannot commit {where}: the manifest is for step {doc['step']}")
-    return doc

@@ -26,7 +26,7 @@ import crc32c as _crc
 
 from .. import fmt
 from ..errors import CheckpointError, ConfigError, CorruptCheckpointError
-from .base import Store, check_name, parses
+from .base import Store, check_name, manifest_for_commit, parses
 
 log = logging.getLogger("lattice")
 CHUNK = 8 << 20
@@ -125,12 +125,7 @@ class FsspecStore(Store):
 
     def commit(self, step: int, manifest: bytes, keep: int | None = None) -> None:
         """Check every listed file is there with its size, then PUT the manifest (the commit marker)."""
-        try:
-            doc = fmt.parse_manifest(manifest)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"cannot commit {self.describe(step)}: the manifest is not valid: {exc}") from None
-        if doc["step"] != step:
-            raise CheckpointError(f"cannot commit {self.describe(step)}: the manifest is for step {doc['step']}")
+        doc = manifest_for_commit(manifest, step, self.describe(step))
         sizes = {rel.partition("/")[2]: info.get("size") for rel, info in self._objects().items()
                  if rel.startswith(fmt.step_dirname(step) + "/")}
         missing = [n for n, i in doc["files"].items() if sizes.get(n) != i["size"]]

@@ -10,20 +10,17 @@ timeouts, 5xx) with exponential backoff and show a progress line for 1 GiB or mo
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import crc32c as _crc
-
 from .. import fmt
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..progress import Progress
 from ..storage import LocalDirectory, write_durable
-from .base import Store
+from .base import Store, copy_with_crc
 
 log = logging.getLogger("lattice")
 CHUNK = 8 << 20
@@ -172,12 +169,5 @@ def _fetch(store: Store, step: int, name: str, dest: Path) -> tuple[int, int]:
         if step not in store.list_committed():
             raise
         raise CorruptCheckpointError(store.describe(step), name, "is missing") from None
-    crc, n = 0, 0
-    with src, open(dest, "wb") as out:
-        while chunk := src.read(CHUNK):
-            crc = _crc.crc32c(chunk, crc)
-            n += len(chunk)
-            out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    return n, crc
+    with src:
+        return copy_with_crc(src, dest, CHUNK)
