@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_bucket, s3_env
+from storage_support import make_bucket, s3_env
 
 from lattice.core import fmt
 from lattice.core.stores import open_store

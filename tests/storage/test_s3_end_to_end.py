@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port, make_bucket, moto, s3_env
+from storage_support import free_port, make_bucket, moto, s3_env
 
 import lattice
 from lattice.core import fmt
