@@ -2,7 +2,8 @@
 
 The worker writes its step count there at every ``lattice.step()`` (a memory store, no
 system call) and reads the agent's stop request; the agent reads the step and writes the
-request. Layout (little-endian int64): [0] worker step, [1] stop requested (0/1),
+request. Layout (little-endian int64): [0] worker step, [1] stop state (0 none, 1 stop at
+the step in [2], 2 hold: wait at the step in [2] until the agents agree on the final one),
 [2] stop at step (0 = the next step), [3] worker pid, [4] last committed step (-1 none),
 [5] last snapshot stall in microseconds, [6] last persist duration in microseconds.
 """
@@ -12,9 +13,11 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import time
 from pathlib import Path
 
 SIZE = 64
+NONE, STOP, HOLD = 0, 1, 2
 _STEP, _STOP, _AT, _PID, _COMMITTED, _STALL, _PERSIST = 0, 8, 16, 24, 32, 40, 48
 
 
@@ -51,12 +54,29 @@ class ControlFile:
         self._set(_STEP, step)
 
     def request_stop(self, at_step: int = 0) -> None:
+        """Final: checkpoint at ``at_step`` (the step is written before the state)."""
         self._set(_AT, at_step)
-        self._set(_STOP, 1)
+        self._set(_STOP, STOP)
 
-    def stop_requested(self, step: int) -> bool:
-        """True if the agent asked for a stop that is due at ``step``."""
-        return self._get(_STOP) == 1 and step >= self._get(_AT)
+    def request_hold(self, at_step: int) -> None:
+        """Provisional: do not pass ``at_step`` until a final stop step (or a later hold) comes."""
+        self._set(_AT, at_step)
+        self._set(_STOP, HOLD)
+
+    def stop_requested(self, step: int, hold_limit: float = 120.0) -> bool:
+        """True if the agent asked for a stop that is due at ``step``.
+
+        While the agent holds this worker at ``step`` (the agents of a job are still agreeing
+        on the step every rank stops at), this blocks; after ``hold_limit`` seconds without an
+        answer (the agent is gone) the hold counts as a stop here.
+        """
+        deadline = None
+        while self._get(_STOP) == HOLD and step >= self._get(_AT):
+            deadline = deadline or time.monotonic() + hold_limit
+            if time.monotonic() > deadline:
+                return True
+            time.sleep(0.002)
+        return self._get(_STOP) == STOP and step >= self._get(_AT)
 
     def report_checkpoint(self, committed: int, stall_s: float, persist_s: float) -> None:
         self._set(_STALL, int(stall_s * 1e6))

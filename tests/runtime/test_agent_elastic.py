@@ -99,3 +99,30 @@ def test_training_goes_on_while_the_store_is_unreachable(tmp_path: Path) -> None
         if a is not None:
             a.kill()
         server.kill()
+
+
+@pytest.mark.timeout(120)
+def test_a_planned_stop_never_sends_a_rank_that_is_ahead_back(tmp_path: Path) -> None:
+    """Ranks that do not synchronise every step drift apart: here the leaving agent's worker is
+    far behind the survivor's. The stop step is agreed by both agents (the maximum of their
+    proposals), so the survivor redoes no step and the leaver's last step is the checkpoint."""
+    server, endpoint = serve(tmp_path)
+    procs = [server]
+    try:
+        a = agent(tmp_path, endpoint, "--steps", "100000", "--sleep", "0.02", "--every", "100000")
+        b = agent(tmp_path, endpoint, "--steps", "100000", "--sleep", "0.1", "--every", "100000")
+        procs += [a, b]
+        a.wait_for(lambda ln: "start step 0 world 2" in ln, 60)
+        b.wait_for(lambda ln: "start step 0 world 2" in ln, 60)
+        b.wait_for(lambda ln: ln.endswith("]: step 10"), 60)
+        mark = a.mark()
+        b.signal(signal.SIGTERM)
+        assert b.wait(60) == 0, b.text
+        down = a.wait_for(lambda ln: "world 1" in ln and "start step" in ln, 60, after=mark)
+        down_step = int(re.search(r"start step (\d+)", down).group(1))
+        b_steps = [int(m.group(1)) for m in worker_lines(b, r"\]: step (\d+)$")]
+        assert down_step == last_step_before(a, down) == max(b_steps)
+        assert down_step > 20  # the survivor was well ahead of the leaver's 10 steps
+    finally:
+        for p in procs:
+            p.kill()

@@ -14,10 +14,11 @@ Decisions about membership live in the rendezvous; this loop only reacts:
 - SIGTERM/SIGINT: planned stop, leave (peers re-rendezvous without this node), exit 0.
 
 A planned stop must end every rank of the job at the same step (rank 0 commits a
-checkpoint only when every rank's part is in). The agent that starts one announces the
-step in the store (``lattice/<job>/stop/<round>``, create-only, so concurrent starters agree
-on the first) a little past its furthest worker, allowing for the steps its workers make in
-half a second; every agent of the round watches that key and stops its workers there.
+checkpoint only when every rank's part is in) and no rank may have passed it. The agent that
+starts one creates the round's stop record in the store (``lattice/<job>/stop/<round>``);
+every agent of the round watches that key, holds its workers a little past their furthest
+step and merges that proposal into the record; the maximum, once every agent has
+acknowledged, is the step they all stop at (stopping.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ..rendezvous.decide import Limits
 from .config import AgentConfig, worker_envs
 from .memtier import MemoryTier
 from .spare import SparePool
+from .stopping import StopAgreement, await_leavers
 from .workers import WorkerGroup, WorkerSpec
 
 log = logging.getLogger("lattice.agent")
@@ -194,49 +196,14 @@ class Agent:
                 self.log.debug("stop-key watch: %s", exc)
                 time.sleep(1.0)
 
-    def _announce_stop(self, round_: int, group: WorkerGroup, leaving: bool) -> dict[str, Any]:
-        """Publish (or join) this round's planned stop: the step every rank stops at (the first
-        announcement wins) and the agents that leave afterwards; returns the record."""
-        key, me = self._key(f"stop/{round_}"), self.cfg.node
-        store = self._open_store()
-        record = {"at": group.stop_step(lead_time=0.5), "by": me, "leaving": [me] if leaving else []}
-        for _ in range(50):
-            try:
-                entry = store.get(key)
-                if entry is None:
-                    store.cas(key, json.dumps(record).encode(), 0)
-                    break
-                record = json.loads(entry.value)
-                if not leaving or me in record["leaving"]:
-                    break
-                record["leaving"].append(me)
-                store.cas(key, json.dumps(record).encode(), entry.mod_index)
-                break
-            except CASConflict:
-                continue
-            except KVUnavailable as exc:
-                self.log.warning("cannot announce the stop to the other agents (%s); stopping locally", exc)
-                break
-        self.log.info("planned stop of round %d at step %d%s", round_, record["at"],
+    def _agree_stop(self, a: Any, group: WorkerGroup, leaving: bool) -> dict[str, Any]:
+        """Agree with the round's other agents on the step every rank stops at (stopping.py)."""
+        agreement = StopAgreement(self._open_store(), self._key(f"stop/{a.round}"), self.cfg.node, a.nodes,
+                                  self.log)
+        record = agreement.settle(agreement.join(group, leaving), min(self.cfg.grace, 10.0))
+        self.log.info("planned stop of round %d at step %d%s", a.round, record["at"],
                       f"; leaving: {record['leaving']}" if record["leaving"] else "")
         return record
-
-    def _await_leavers(self, round_: int, timeout: float) -> None:
-        """Before rejoining, wait until the agents leaving after this planned stop are gone, so the
-        next round is formed without them (a blocking watch on the members, bounded)."""
-        store, deadline = self._open_store(), time.monotonic() + timeout
-        index = 0
-        while time.monotonic() < deadline:
-            try:
-                entry = store.get(self._key(f"stop/{round_}"))
-                leaving = json.loads(entry.value)["leaving"] if entry else []
-                present = [n for n in leaving if store.get(self._key(f"members/{n}")) is not None]
-                if not present:
-                    return
-                index = store.wait(self._key("members/"), index, min(2.0, deadline - time.monotonic())).index
-            except KVUnavailable:
-                time.sleep(0.5)
-        self.log.warning("agents %s announced they leave but are still registered; rejoining anyway", present)
 
     # -- reactions ----------------------------------------------------------------------
     def _react(self, outcome: str, detail: Any, group: WorkerGroup, handler: Any, a: Any) -> int | None:
@@ -247,14 +214,15 @@ class Agent:
             return 0
         if outcome in (STOP, JOIN_PENDING, STOP_AT):
             leaving = self._stop.is_set()  # SIGTERM, possibly while another agent's stop is under way
-            record = self._announce_stop(a.round, group, leaving)
             self._gauge("checkpointing", 1)  # the operator keeps such a pod (lattice/k8s/observe.py)
+            record = self._agree_stop(a, group, leaving)
             group.stop(planned=True, at_step=record["at"])
             self._gauge("checkpointing", 0)
             self._count_exits(group, "planned")
             if leaving:
                 return 0  # leaving the rendezvous (in run()) lets the others form the next round
-            self._await_leavers(a.round, self.cfg.grace + 4 * self.cfg.ttl)
+            await_leavers(self._open_store(), self._key(f"stop/{a.round}"), self._key("members/"),
+                          self.cfg.grace + 4 * self.cfg.ttl, self.log)
             handler.request_new_round()
             return None
         if outcome == PEER_LOST:

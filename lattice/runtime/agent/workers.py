@@ -143,6 +143,12 @@ class WorkerGroup:
         log.info("asked the workers to checkpoint at step %d and exit", at_step)
         return at_step
 
+    def hold(self, at_step: int) -> None:
+        """Keep every worker from passing ``at_step`` while the agents agree on the stop step."""
+        for w in self.workers:
+            if w.proc.poll() is None:
+                w.control.request_hold(at_step)
+
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every worker to exit; True if they all did."""
         deadline = time.monotonic() + timeout
