@@ -8,7 +8,11 @@ does). Then, ``--reps`` times, interleaved:
 
 - memory: a new session with ``checkpoint_dir=<storage>`` and ``LATTICE_MEMORY_DIR=<memory dir>``
   (the environment a restarted worker gets from the agent) registers the same arrays; the restore
-  must come from the memory dir (checked through ``restored_from``);
+  must come from the memory dir (checked through ``restored_from``). The checkpoint was uploaded,
+  so the agent marked it verified (every file checked by the upload) and the restore copies it
+  without checksumming it again;
+- memory_unverified: the same, with the marker moved aside: a worker that crashed before the
+  agent's upload of its newest checkpoint finished, so every byte is checksummed;
 - storage, cold: the same without ``LATTICE_MEMORY_DIR`` after dropping the storage files from
   the page cache (``/proc/sys/vm/drop_caches`` when writable, i.e. as root on a VM, else
   ``posix_fadvise(DONTNEED)`` on each file); the restore must come from storage;
@@ -17,8 +21,8 @@ does). Then, ``--reps`` times, interleaved:
   serve`` started here on 127.0.0.1, its root on the same disk, caches dropped): the restore lists
   and downloads over HTTP into a staging directory (emptied before each run) and restores from it.
 
-Every restore verifies every byte's crc32c and reads into the registered arrays in place, so
-the two tiers differ only in where the bytes come from. Medians are reported, with ratios.
+Every restore but the agent-verified memory one verifies every byte's crc32c; all read into the
+registered arrays in place. Medians are reported, with ratios.
 
     .venv/bin/python bench/memtier.py [--size-mb 1024] [--arrays 16] [--reps 5] [--service]
                                       [--dir DIR] [--json OUT]
@@ -126,12 +130,15 @@ def start_service(base: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("the checkpoint service did not start")
 
 
-def upload(memory: Path, url: str) -> float:
-    """Upload the memory checkpoint to ``url`` as the agent's replicator does; returns seconds."""
-    from lattice.core.stores import open_store, transfer
+def upload(memory: Path, url: str, mark: bool = False) -> float:
+    """Upload the memory checkpoint to ``url`` as the agent's replicator does (``MemoryTier._upload``:
+    the upload checks every file, then, with ``mark``, the checkpoint is marked verified); seconds."""
+    from lattice.core.stores import open_store, tiers, transfer
 
     t0 = time.perf_counter()
     transfer.upload(memory / "step-0000000001", open_store(url), 1)
+    if mark:
+        tiers.mark_verified(memory, 1, memory / "step-0000000001")
     return time.perf_counter() - t0
 
 
@@ -148,7 +155,7 @@ def prepare(state: dict[str, Any], memory: Path, storage: Path) -> dict[str, flo
     s.wait()
     committed = time.perf_counter() - t0
     s.close()
-    return {"memory_blocking_s": blocking, "memory_committed_s": committed, "upload_s": upload(memory, str(storage))}
+    return {"memory_blocking_s": blocking, "memory_committed_s": committed, "upload_s": upload(memory, str(storage), mark=True)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -164,6 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # contender: (checkpoint_dir, memory dir or None, drop caches first, where the restore must come from)
         plan: dict[str, tuple[str, Path | None, bool, Path]] = {
             "memory": (str(storage), memory, False, memory),
+            "memory_unverified": (str(storage), memory, False, memory),
             "storage_cold": (str(storage), None, True, storage),
             "storage_warm": (str(storage), None, False, storage)}
         if args.service:
@@ -191,6 +199,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def measure(plan: dict[str, tuple[str, Path | None, bool, Path]], state: dict[str, Any], reps: int,
             base: Path) -> tuple[dict[str, list[float]], str]:
     """``reps`` restores per contender, the order rotating every repetition."""
+    from lattice.core.stores.tiers import VERIFIED
+
     times: dict[str, list[float]] = {k: [] for k in plan}
     names, how = list(plan), ""
     for r in range(reps):
@@ -199,7 +209,18 @@ def measure(plan: dict[str, tuple[str, Path | None, bool, Path]], state: dict[st
             shutil.rmtree(base / "staging", ignore_errors=True)  # a service restore downloads every time
             if cold:
                 how = drop_cache(base)
-            dt, where = restore(state, url, mem)
+            elif name.endswith("_warm"):  # a cold contender may have just dropped the cache: read it back in
+                for f in expected.rglob("*"):
+                    if f.is_file():
+                        f.read_bytes()
+            marker = mem / f"{VERIFIED}1" if mem is not None else None
+            if name == "memory_unverified":
+                marker.rename(marker.with_name("aside"))  # type: ignore[union-attr]
+            try:
+                dt, where = restore(state, url, mem)
+            finally:
+                if name == "memory_unverified":
+                    marker.with_name("aside").rename(marker)  # type: ignore[union-attr]
             if not where.startswith(str(expected) + "/"):
                 raise RuntimeError(f"{name} restore came from {where}, expected under {expected}")
             times[name].append(dt)
@@ -217,6 +238,9 @@ def report(res: dict[str, Any]) -> None:
         print(f"{k:16} {med[k]:9.3f} {gib / med[k]:7.2f}")
     for k, ratio in res["speedup"].items():
         print(f"memory vs {k}: {ratio:.1f}x faster" + ("  (target >= 10x)" if k.endswith("cold") else ""))
+    if "memory_unverified" in med:
+        print(f"memory_unverified vs service_cold: {med.get('service_cold', float('nan')) / med['memory_unverified']:.1f}x, "
+              f"vs storage_cold: {med['storage_cold'] / med['memory_unverified']:.1f}x")
     p = res["prepare"]
     print(f"checkpoint into memory: blocking {p['memory_blocking_s']:.3f}s, committed {p['memory_committed_s']:.3f}s; "
           f"agent upload to disk {p['upload_s']:.3f}s ({gib / p['upload_s']:.2f} GiB/s)"

@@ -155,8 +155,10 @@ def _resolve(value: Any) -> Any:
     return value.array[()] if isinstance(value, _Scalar) else value
 
 
-def read_data(path: Path, manifest: dict[str, Any], plan_for: Any, name: str = fmt.DATA) -> _Plan:
-    """Read a data file, build the plan with ``plan_for(header)``, read and verify every byte.
+def read_data(path: Path, manifest: dict[str, Any], plan_for: Any, name: str = fmt.DATA,
+              check: bool = True) -> _Plan:
+    """Read a data file, build the plan with ``plan_for(header)``, read and verify every byte
+    (``check=False``: sizes and header only, for data already verified where it lies).
 
     The arrays are read with ``preadv`` straight into their destinations (one copy out of the
     page cache, no mapping, no intermediate buffer). The file is split into one contiguous part
@@ -178,8 +180,8 @@ def read_data(path: Path, manifest: dict[str, Any], plan_for: Any, name: str = f
         except (ValueError, UnicodeDecodeError) as exc:
             raise CorruptCheckpointError(str(path), name, f"has a bad header: {exc}") from None
     plan = plan_for(header)
-    value = _read_and_check(file, size, start, plan.reads, f"restore {path.name}", (path, name))
-    if value != expect["crc32c"]:
+    value = _read_and_check(file, size, start, plan.reads, f"restore {path.name}", (path, name), check)
+    if check and value != expect["crc32c"]:
         raise CorruptCheckpointError(str(path), name, "crc32c mismatch (the file is corrupt)")
     return plan
 
@@ -193,11 +195,11 @@ def _threads(size: int) -> int:
 
 
 def _read_and_check(file: Path, size: int, start: int, reads: list[_Read], label: str,
-                    where: tuple[Path, str]) -> int:
+                    where: tuple[Path, str], check: bool = True) -> int:
     """Read ``reads`` (offsets from ``start``) out of ``file`` into their views; returns the file's crc32c.
 
     Every byte of the file is checksummed, including the header and any gaps between arrays
-    (read into a scratch buffer).
+    (read into a scratch buffer); with ``check=False`` nothing is (the result is then 0).
     """
     pieces = _cover(_ordered(reads, start, size, where), size)
     n = _threads(size)
@@ -224,7 +226,8 @@ def _read_and_check(file: Path, size: int, start: int, reads: list[_Read], label
                             buf = view[pos - a:end - a]
                         if os.preadv(fd, [buf], pos) != end - pos:
                             raise CorruptCheckpointError(str(where[0]), where[1], "ends early (truncated)")
-                        crc = crc32c.crc32c(buf, crc)
+                        if check:
+                            crc = crc32c.crc32c(buf, crc)
                         with lock:
                             progress.update(end - pos)
                         pos = end
@@ -310,28 +313,31 @@ def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
 
 
 def restore_from(path: Path, items: dict[str, Item], codecs: Codecs = CODECS,
-                 ranks: Ranks | None = None) -> Restored:
+                 ranks: Ranks | None = None, verified: bool = False) -> Restored:
     """Verify checkpoint ``path`` and load it into ``items`` (raises CorruptCheckpointError).
 
     With several ranks, each rank also verifies the other ranks' per-rank files, so every
     rank reaches the same verdict on every checkpoint and all restore the same step.
+    ``verified``: every byte was already checked against the manifest where the files lie
+    (a memory-tier checkpoint the agent uploaded, ``tiers.verified``): sizes, headers and the
+    manifest are still checked, the data's crc32c is not computed again.
     """
     ranks = ranks or Ranks()
     manifest = read_manifest(path)
     check_sizes(path, manifest)
     per_rank = {n for n, i in items.items() if getattr(i.adapter, "per_rank", False)}
     plan_sources, others = sources(manifest, list(items), per_rank, ranks)
-    for name in others:
+    for name in () if verified else others:
         verify_file(path, manifest, name)
     objects: dict[str, Any] = {}
     for source in plan_sources:
-        objects.update(_restore_source(path, manifest, source, items, codecs))
+        objects.update(_restore_source(path, manifest, source, items, codecs, check=not verified))
     missing = [n for n in items if n not in objects]
     return Restored(manifest["step"], path, float(manifest.get("wall_time", 0.0)), objects, missing)
 
 
 def _restore_source(path: Path, manifest: dict[str, Any], source: Source, items: dict[str, Item],
-                    codecs: Codecs) -> dict[str, Any]:
+                    codecs: Codecs, check: bool = True) -> dict[str, Any]:
     saved = read_tree(path, manifest, source.tree)
     wanted = {name: items[name] for name in source.items if name in saved}
     for name, item in wanted.items():
@@ -343,7 +349,7 @@ def _restore_source(path: Path, manifest: dict[str, Any], source: Source, items:
             plan.add_item(name, saved[name], live_arrays(item.adapter.save(item.obj), codecs))
         return plan
 
-    plan = read_data(path, manifest, plan_for, source.data)
+    plan = read_data(path, manifest, plan_for, source.data, check)
     objects = {}
     for name, item in wanted.items():
         values = plan.values[name]

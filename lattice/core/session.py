@@ -168,7 +168,7 @@ class Session:
             step, path = cand.step, cand.path
             try:
                 path = tiers.fetch(loc, cand)
-                restored = restore_from(path, items, self.codecs, self.ranks)
+                restored = restore_from(path, items, self.codecs, self.ranks, verified=tiers.verified(cand))
             except FileNotFoundError:
                 log.info("checkpoint step %d left %s while restoring; trying an older one", step, loc.url)
                 continue

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 IN_ACCESS, IN_CLOSE_NOWRITE, IN_MOVED_TO, IN_CREATE = 0x1, 0x10, 0x80, 0x100
 IN_ISDIR, IN_NONBLOCK, IN_CLOEXEC = 0x40000000, 0o4000, 0o2000000
@@ -114,3 +115,25 @@ def can_mount_tmpfs() -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return r.returncode == 0
+
+
+def cfg(tmp: Path, root: Path, **kw: object) -> SimpleNamespace:
+    base = dict(job="unit", node="n1", max_nodes=1, min_nodes=1, memory_tier="auto", memory_root=str(root),
+                memory_limit=None, upload_timeout=10.0, checkpoint_dir=str(tmp / "ckpt"))
+    return SimpleNamespace(**{**base, **kw})
+
+
+def commit(memdir: Path, step: int, kb: int = 64) -> None:
+    """A real checkpoint of ``step`` committed into ``memdir`` by a lattice session (as a worker would)."""
+    import numpy as np
+
+    import lattice
+
+    s = lattice.new_session(checkpoint_dir=str(memdir), every_steps=None, keep=10, capture_rng=False)
+    try:
+        s.register({"w": np.full(kb * 256, step, dtype=np.float32)})
+        s.step = step
+        s.checkpoint()
+        s.wait()
+    finally:
+        s.close()

@@ -11,11 +11,10 @@ import re
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from agent_support import LATTICE, ROOT, Proc
-from memtier_support import ReadWatch, can_mount_tmpfs, memory_root
+from memtier_support import ReadWatch, can_mount_tmpfs, cfg, commit, memory_root
 
 from lattice.core import inspect as ckpt
 from lattice.core.errors import ConfigError
@@ -167,28 +166,6 @@ def test_cli_help_documents_the_memory_tier(run_python) -> None:
 
 
 # -- in process ------------------------------------------------------------------------------
-def cfg(tmp: Path, root: Path, **kw: object) -> SimpleNamespace:
-    base = dict(job="unit", node="n1", max_nodes=1, min_nodes=1, memory_tier="auto", memory_root=str(root),
-                memory_limit=None, upload_timeout=10.0, checkpoint_dir=str(tmp / "ckpt"))
-    return SimpleNamespace(**{**base, **kw})
-
-
-def commit(memdir: Path, step: int, kb: int = 64) -> None:
-    """A real checkpoint of ``step`` committed into ``memdir`` by a lattice session (as a worker would)."""
-    import numpy as np
-
-    import lattice
-
-    s = lattice.new_session(checkpoint_dir=str(memdir), every_steps=None, keep=10, capture_rng=False)
-    try:
-        s.register({"w": np.full(kb * 256, step, dtype=np.float32)})
-        s.step = step
-        s.checkpoint()
-        s.wait()
-    finally:
-        s.close()
-
-
 def test_modes_sizes_and_messages(tmp_path: Path) -> None:
     assert memtier.parse_size("3M") == 3 << 20 and memtier.parse_size("2GiB") == 2 << 30
     assert memtier.parse_size("1048576") == 1 << 20 and memtier.parse_size("") is None

@@ -17,6 +17,7 @@ like a local checkpoint.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -27,6 +28,8 @@ import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
+
+import crc32c as _crc
 
 from .. import fmt
 from ..errors import CheckpointError, ConfigError
@@ -42,6 +45,7 @@ SHM = Path("/dev/shm")
 SHM_MIN_FREE = 2 << 30  # staging goes to /dev/shm only if it has this much free
 DISABLED = "DISABLED"  # contract B: its existence in the memory dir turns the memory tier off
 TIER_ORDER = {"memory": 0, "staging": 1, "local": 2, "store": 3}  # preference on equal steps
+VERIFIED = ".verified-"  # <memory dir>/.verified-<step>: the agent checked every byte of that checkpoint
 
 
 @dataclasses.dataclass
@@ -67,6 +71,45 @@ class Candidate:
     step: int
     tier: str
     path: Path | None = None
+
+
+def _manifest_digest(ckpt: Path) -> str:
+    return f"{_crc.crc32c((ckpt / fmt.MANIFEST).read_bytes()):08x}"
+
+
+def mark_verified(memory_dir: Path, step: int, checked: Path) -> None:
+    """Record that every file of memory checkpoint ``step`` matched its manifest's size and crc32c.
+
+    ``checked`` holds the files that were checked (the agent's hard links to them, which every
+    backend's upload checks file by file). A restore from memory then need not checksum the same
+    bytes again: they have stayed in this node's memory since, and checkpoint files are never
+    rewritten in place. The marker names the checked manifest's own checksum, so another
+    checkpoint committed later under the same step is not covered by it.
+    """
+    marker = memory_dir / f"{VERIFIED}{step}"
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(_manifest_digest(checked))
+    os.replace(tmp, marker)
+
+
+def verified(cand: Candidate) -> bool:
+    """Whether ``cand`` is a memory checkpoint the agent marked as checked (``mark_verified``)."""
+    if cand.tier != "memory" or cand.path is None:
+        return False
+    try:
+        return (cand.path.parent / f"{VERIFIED}{cand.step}").read_text() == _manifest_digest(cand.path)
+    except OSError:
+        return False
+
+
+def drop_stale_marks(memory_dir: Path) -> None:
+    """Remove the markers of checkpoints no longer in ``memory_dir``."""
+    for entry in os.scandir(memory_dir):
+        if entry.name.startswith(VERIFIED) and entry.name[len(VERIFIED):].isdigit():
+            step = int(entry.name[len(VERIFIED):])
+            if not (memory_dir / fmt.step_dirname(step)).exists():
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def resolve(checkpoint_dir: str, ranks: Ranks, environ: Mapping[str, str] | None = None) -> Location:

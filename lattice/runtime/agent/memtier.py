@@ -38,6 +38,7 @@ from ...core import fmt
 from ...core.config import from_env
 from ...core.errors import ConfigError
 from ...core.storage import LocalDirectory, write_durable
+from ...core.stores import tiers
 from .memdir import (  # noqa: F401  (re-exported: cli.py and the tests use memtier.<name>)
     _UNITS,
     DISABLED,
@@ -188,7 +189,9 @@ class MemoryTier:
 
         size, t0 = dir_size(stage), time.monotonic()
         try:
-            transfer.upload(stage, store, step, keep=self._keep)
+            transfer.upload(stage, store, step, keep=self._keep)  # checks every file's size and crc32c
+            with contextlib.suppress(OSError):  # no marker: a restore from memory checksums as usual
+                tiers.mark_verified(self.dir, step, stage)
         except Exception as exc:
             self._failures += 1
             delay = min(30.0, 0.5 * 2 ** self._failures)
@@ -231,6 +234,7 @@ class MemoryTier:
             if step < self.uploaded or (step == self.uploaded and not keep_newest):
                 with contextlib.suppress(OSError):  # the worker's own retention may have taken it
                     memory.delete(path)
+        tiers.drop_stale_marks(self.dir)
 
     # -- room ------------------------------------------------------------------------------------
     def _room(self, used: int) -> int:
