@@ -220,6 +220,9 @@ class Persister:
         self.last_persist_s: float | None = None
         self.on_commit: Callable[[int, float, float], None] | None = None  # (step, stall s, persist s)
         self.part_timeout = 600.0  # rank 0 waits this long for the other ranks' parts
+        # ranks on several hosts with a URL: (tmp, snap, files, manifest_for) -> committed here?
+        # (stores/assemble.py); None: the ranks share the storage directory
+        self.assemble: Callable[..., bool] | None = None
         self._thread: threading.Thread | None = None
 
     def submit(self, snap: Snapshot) -> concurrent.futures.Future[Path]:
@@ -254,6 +257,8 @@ class Persister:
     def persist(self, snap: Snapshot) -> Path:
         t0 = time.perf_counter()
         multi = snap.ranks.world > 1
+        if multi and self.assemble is not None:
+            return self._persist_through_store(snap, t0)
         tmp = shared_tmp(self.storage.root, snap.step, snap.ranks, snap.seq) if multi else self.storage.new_tmp(snap.step)
         try:
             files = self._write_parts(tmp, snap)
@@ -268,13 +273,32 @@ class Persister:
             if not multi:
                 shutil.rmtree(tmp, ignore_errors=True)  # nothing of it was committed
             raise
+        self._committed(snap, t0, final)
+        return final
+
+    def _committed(self, snap: Snapshot, t0: float, where: object) -> None:
         self.last_committed = snap.step
         self.last_persist_s = time.perf_counter() - t0
         if self.on_commit is not None:
             self.on_commit(snap.step, snap.blocking_s, self.last_persist_s)
         log.info("checkpoint step %d committed to %s (%.1f MB, blocked %.3fs, persisted in %.3fs)",
-                 snap.step, final, snap.nbytes / 1e6, snap.blocking_s, self.last_persist_s)
-        return final
+                 snap.step, where, snap.nbytes / 1e6, snap.blocking_s, self.last_persist_s)
+
+    def _persist_through_store(self, snap: Snapshot, t0: float) -> Path:
+        """Ranks on several hosts: write into a private staging directory, put the files into the
+        store, rank 0 commits there (stores/assemble.py); the staging copy is removed after."""
+        assert self.assemble is not None
+        tmp = self.storage.new_tmp(snap.step)
+        try:
+            files = self._write_parts(tmp, snap)
+            committed = self.assemble(tmp, snap, files, lambda everything: self._manifest(snap, everything))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if committed:
+            self._committed(snap, t0, f"the store (step {snap.step})")
+        else:
+            self.last_persist_s = time.perf_counter() - t0
+        return tmp
 
     def _retire(self, step: int) -> list[tuple[int, Path]]:
         """Rename the checkpoints that retention drops out of the committed namespace (fast)."""
@@ -298,13 +322,16 @@ class Persister:
             raise SnapshotAborted(f"the snapshot copy failed: {snap.copy_error!r}")
         return files
 
-    def _commit(self, tmp: Path, snap: Snapshot, files: dict[str, dict[str, int]]) -> Path:
+    def _manifest(self, snap: Snapshot, files: dict[str, dict[str, int]]) -> bytes:
         items = {name: {"adapter": adapter, "scope": "rank" if name in snap.per_rank else "shared"}
                  for name, adapter in snap.adapters.items()}
         extra: dict[str, object] = {"blocking_seconds": round(snap.blocking_s, 6)}
         if snap.ranks.world > 1:
             extra.update(world_size=snap.ranks.world, ranks=list(range(snap.ranks.world)))
-        write_durable(tmp / fmt.MANIFEST, fmt.manifest(snap.step, snap.wall_time, files, items, extra))
+        return fmt.manifest(snap.step, snap.wall_time, files, items, extra)
+
+    def _commit(self, tmp: Path, snap: Snapshot, files: dict[str, dict[str, int]]) -> Path:
+        write_durable(tmp / fmt.MANIFEST, self._manifest(snap, files))
         final = self.storage.commit(tmp, snap.step)
         self.storage.set_latest(snap.step)
         return final

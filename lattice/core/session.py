@@ -29,6 +29,7 @@ from .snapshot import Buffers, Item, fill, plan
 from .state import State
 from .storage import LocalDirectory
 from .stores import tiers
+from .stores.assemble import assemble
 
 log = logging.getLogger("lattice")
 RESERVED = {"step", "restored_from", "items"}
@@ -51,7 +52,7 @@ class Session:
         if self.ranks.rank == 0:
             for path in self.storage.cleanup_leftovers() + cleanup_old_rounds(self.storage.root, self.ranks):
                 log.info("removed leftover %s from an interrupted checkpoint", path)
-            if self._uploader is not None:
+            if self._uploader is not None or self.location.assemble:
                 self._cleanup_store()
         self.items: dict[str, Item] = {}
         self.step = 0
@@ -64,6 +65,10 @@ class Session:
         # the agent owns retention in its memory directory (it may still be uploading older ones)
         self._persister = Persister(self.storage, 1 << 30 if self.location.kind == "memory" else config.keep)
         self._persister.part_timeout = config.part_timeout
+        if self.location.assemble and self.location.store is not None:  # ranks on several hosts, a URL
+            store = self.location.store
+            self._persister.assemble = lambda tmp, snap, files, manifest_for: assemble(
+                store, tmp, snap, files, manifest_for, self.config.keep, self.config.part_timeout)
         self._inflight: concurrent.futures.Future[Path] | None = None
         self._inflight_step = -1
         self._seq = 0

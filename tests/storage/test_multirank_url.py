@@ -1,5 +1,9 @@
-"""Several ranks on one host with an ``s3://`` checkpoint_dir: the ranks assemble the checkpoint in a
-shared staging directory, rank 0 commits and uploads it; a restore on a fresh host downloads it once."""
+"""Several ranks with a URL as checkpoint_dir.
+
+On one host (``s3://``): the ranks assemble the checkpoint in a shared staging directory, rank 0
+commits and uploads it; a restore on a fresh host downloads it once. On several hosts (each rank
+its own staging directory, ``LOCAL_WORLD_SIZE`` 1; ``s3://`` and ``lattice://``): each rank puts
+its part into the store and rank 0 commits there (stores/assemble.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +13,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import crc32c
 import pytest
 from storage_support import make_bucket, s3_env
 
@@ -20,17 +26,25 @@ from lattice.core.stores import open_store
 CHILD = str(Path(__file__).parent.parent / "helpers" / "rank_child.py")
 
 
-def run_ranks(mode: str, url: str, env: dict[str, str], world: int = 2) -> dict[int, dict]:
+def run_ranks(mode: str, url: str, env: dict[str, str], world: int = 2, hosts: Path | None = None,
+              ranks: list[int] | None = None, failing: tuple[int, ...] = ()) -> dict[int, dict]:
+    """Run ranks ``ranks`` (default all) of a ``world``-rank job; with ``hosts``, each rank is on a
+    host of its own (``LOCAL_WORLD_SIZE=1``, staging in ``hosts/host-<r>``)."""
+    def env_of(r: int) -> dict[str, str]:
+        e = {**os.environ, **env, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+             "LATTICE_JOB": "t", "LATTICE_ROUND": "0"}
+        if hosts is not None:
+            e.update(LOCAL_WORLD_SIZE="1", LOCAL_RANK="0", LATTICE_STAGING_DIR=str(hosts / f"host-{r}"))
+        return e
+
     procs = {r: subprocess.Popen([sys.executable, CHILD, mode, url], text=True, start_new_session=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 env={**os.environ, **env, "RANK": str(r), "WORLD_SIZE": str(world),
-                                      "LOCAL_WORLD_SIZE": str(world), "LATTICE_JOB": "t", "LATTICE_ROUND": "0"})
-             for r in range(world)}
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env_of(r))
+             for r in (range(world) if ranks is None else ranks)}
     out = {}
     try:
         for r, p in procs.items():
             stdout, stderr = p.communicate(timeout=60)
-            assert p.returncode == 0, stderr
+            assert (p.returncode != 0) == (r in failing), stderr
             out[r] = json.loads(stdout.strip().splitlines()[-1])
     finally:
         for p in procs.values():
@@ -58,3 +72,51 @@ def test_two_ranks_on_one_host_checkpoint_to_s3_and_restore_from_it(
     for r in (0, 1):
         assert loaded[r]["step"] == 5 and loaded[r]["shared"] == [7.0] * 4 and loaded[r]["counter"] == 5
         assert loaded[r]["next"] == saved[r]["next"]  # each rank got its own RNG state back
+
+
+@pytest.fixture(params=["s3", "lattice"])
+def remote(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, dict]:
+    """A fresh remote store URL and the environment the ranks need for it."""
+    if request.param == "s3":
+        moto_server = request.getfixturevalue("moto_server")
+        env = s3_env(moto_server)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        return f"s3://{make_bucket(moto_server)}/job", env
+    address, token, _ = request.getfixturevalue("service_server")
+    monkeypatch.setenv("LATTICE_SERVICE_TOKEN", token)
+    return f"lattice://{address}/job-{uuid.uuid4().hex[:10]}", {"LATTICE_SERVICE_TOKEN": token}
+
+
+@pytest.mark.timeout(120)
+def test_ranks_on_three_hosts_assemble_one_checkpoint_in_the_store(remote: tuple[str, dict], tmp_path: Path) -> None:
+    url, env = remote
+    store = open_store(url)
+    # a declaration of rank 1 left in the store by an earlier attempt at step 5: never taken for this one
+    stale = tmp_path / "stale.json"
+    stale.write_bytes(json.dumps({"rank": 1, "tag": "job_t_r0_c7", "files": {"rank-00001.json": {"size": 1,
+                                                                                             "crc32c": 0}}}).encode())
+    store.put_file(5, "rank-00001.part.json", stale, stale.stat().st_size, crc32c.crc32c(stale.read_bytes()))
+
+    saved = run_ranks("save", url, env, world=3, hosts=tmp_path / "save")
+    assert store.list_committed() == [5]
+    manifest = fmt.parse_manifest(store.read_manifest(5))
+    assert manifest["world_size"] == 3
+    assert {f"rank-0000{r}.json" for r in range(3)} | {fmt.DATA, fmt.TREE} <= set(manifest["files"])
+    assert not any(n.endswith(".part.json") for n in manifest["files"])
+    for r in range(3):  # nothing stays behind in the hosts' staging directories
+        assert not [p for p in (tmp_path / "save" / f"host-{r}").rglob("*") if p.is_file() and p.name != ".lock"]
+
+    loaded = run_ranks("load", url, env, world=3, hosts=tmp_path / "load")  # fresh hosts: all from the store
+    for r in range(3):
+        assert loaded[r]["step"] == 5 and loaded[r]["shared"] == [7.0] * 4 and loaded[r]["counter"] == 5
+        assert loaded[r]["next"] == saved[r]["next"]  # each rank got its own RNG state back
+
+
+@pytest.mark.timeout(120)
+def test_a_missing_rank_on_another_host_leaves_nothing_committed(remote: tuple[str, dict], tmp_path: Path) -> None:
+    url, env = remote
+    out = run_ranks("save", url, {**env, "LATTICE_PART_TIMEOUT": "3"}, world=3, hosts=tmp_path, ranks=[0, 2],
+                    failing=(0,))  # rank 2 puts its part and is done; rank 0 waits for rank 1 in vain
+    assert "rank(s) [1] did not put their part" in out[0]["error"]
+    assert open_store(url).list_committed() == []

@@ -14,7 +14,7 @@ from storage_support import Backend, make_checkpoint
 from lattice.core import fmt
 from lattice.core.errors import CheckpointError, CorruptCheckpointError
 from lattice.core.restore import check_sizes, read_manifest, verify_file
-from lattice.core.stores import transfer
+from lattice.core.stores import open_store, transfer
 from lattice.core.stores.base import Store
 
 pytestmark = pytest.mark.timeout(60)
@@ -132,6 +132,22 @@ def test_delete_uncommits_and_removes_a_step(backend: Backend, tmp_path: Path) -
         backend.store.open_file(1, fmt.DATA)
     with pytest.raises(FileNotFoundError):
         backend.store.delete(1)
+
+
+def test_another_writer_reads_a_pending_file_before_the_commit(backend: Backend, tmp_path: Path) -> None:
+    local = make_checkpoint(tmp_path, 8)
+    raw = put_all(backend.store, local, 8)
+    name = sorted(fmt.parse_manifest(raw)["files"])[0]
+    other = open_store(backend.url)  # another rank's client (ranks on several hosts, stores/assemble.py)
+    if backend.name == "file":  # a directory store's uploads are private to the writing process
+        with pytest.raises(NotImplementedError):
+            other.read_pending(8, name)
+        return
+    assert other.read_pending(8, name) == (local / name).read_bytes()
+    with pytest.raises(FileNotFoundError):
+        other.read_pending(8, "rank-00009.part.json")
+    with pytest.raises(FileNotFoundError):
+        other.read_pending(9, name)
 
 
 def test_delete_removes_a_pending_upload(backend: Backend, tmp_path: Path) -> None:

@@ -103,9 +103,10 @@ def test_default_staging_is_per_url_under_shm_or_tmp() -> None:
     assert a != b and a.parent == b.parent and a.parent.name.startswith("lattice-staging-")
 
 
-def test_url_with_ranks_on_several_hosts_is_a_clear_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="several hosts.*LATTICE_STAGING_DIR"):
-        tiers.resolve("memory://b/j", Ranks(0, 4), {"LOCAL_WORLD_SIZE": "2"})
-    loc = tiers.resolve("memory://b/j", Ranks(0, 4), {"LOCAL_WORLD_SIZE": "2",
-                                                        "LATTICE_STAGING_DIR": str(tmp_path)})
-    assert loc.local == tmp_path  # a staging directory every host mounts makes it work
+def test_url_with_ranks_on_several_hosts_assembles_the_checkpoint_in_the_store(tmp_path: Path) -> None:
+    loc = tiers.resolve("memory://b/j", Ranks(0, 4), {"LOCAL_WORLD_SIZE": "2"})
+    assert loc.assemble and not loc.upload and loc.kind == "staging"  # stores/assemble.py, no upload after
+    loc = tiers.resolve("memory://b/j", Ranks(0, 4), {"LOCAL_WORLD_SIZE": "2", "LATTICE_STAGING_DIR": str(tmp_path)})
+    assert loc.assemble and loc.local == tmp_path
+    one_host = tiers.resolve("memory://b/j", Ranks(0, 4), {"LOCAL_WORLD_SIZE": "4"})
+    assert not one_host.assemble and one_host.upload

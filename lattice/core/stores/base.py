@@ -101,6 +101,16 @@ class Store(abc.ABC):
         Nothing committed is ever removed. A missing store root removes nothing.
         """
 
+    def read_pending(self, step: int, name: str) -> bytes:
+        """The bytes of file ``name`` put (by any writer) for the not yet committed ``step``.
+
+        Ranks on several hosts use it to assemble one checkpoint in the store: each puts its
+        files and then a small part declaration, which rank 0 reads before it commits
+        (``stores/assemble.py``). Raises ``FileNotFoundError`` if no such file was put. Stores
+        that cannot see other writers' uploads raise ``NotImplementedError``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} ({self.url}) cannot read other writers' pending uploads")
+
     def download(self, step: int, dest_dir: Path) -> Path:
         """Download committed ``step`` into local checkpoint root ``dest_dir``; returns the step directory.
 

@@ -123,6 +123,12 @@ class FsspecStore(Store):
             raise CorruptCheckpointError(str(path), None, f"changed while uploading: {n} bytes crc32c {crc:08x}, "
                                          f"expected {size} bytes crc32c {crc32c:08x}")
 
+    def read_pending(self, step: int, name: str) -> bytes:
+        """Object ``step-N/name`` as it is now (objects are whole once written); ``FileNotFoundError`` if absent."""
+        check_name(name)
+        self._refresh()
+        return self.fs.cat_file(self._p(step, name))
+
     def commit(self, step: int, manifest: bytes, keep: int | None = None) -> None:
         """Check every listed file is there with its size, then PUT the manifest (the commit marker)."""
         doc = manifest_for_commit(manifest, step, self.describe(step))

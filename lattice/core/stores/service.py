@@ -148,6 +148,11 @@ class ServiceStore(Store):
         self._call("PUT", f"{self._base}/{step}/files/{quote(name)}", (200, 201), stream_from=Path(path), size=size,
                    headers={"X-Lattice-Crc32c": f"{crc32c:08x}", "Content-Type": "application/octet-stream"})
 
+    def read_pending(self, step: int, name: str) -> bytes:
+        """GET .../{step}/pending/{name}: a file put for the uncommitted step; ``FileNotFoundError`` (404) if none."""
+        check_name(name)
+        return self._call("GET", f"{self._base}/{step}/pending/{quote(name)}", (200,))
+
     def commit(self, step: int, manifest: bytes, keep: int | None = None) -> None:
         """PUT .../{step}/manifest; the service commits atomically or answers 409 naming the files.
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import crc32c as _crc
 
 from .. import fmt
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
 from ..ranks import Ranks
 from ..storage import LocalDirectory
 from . import is_remote, open_store
@@ -58,10 +58,12 @@ class Location:
     store: Store | None = None
     staging: Path | None = None  # where remote checkpoints are downloaded to
     memory: Path | None = None  # a memory dir the agent disabled: still read at restore, never written
+    assemble: bool = False  # ranks on several hosts: each rank puts its part, rank 0 commits in the store
 
     @property
     def upload(self) -> bool:
-        return self.kind == "staging"
+        """Whether committed local checkpoints are uploaded afterwards (one host, a URL)."""
+        return self.kind == "staging" and not self.assemble
 
 
 @dataclasses.dataclass
@@ -139,13 +141,9 @@ def resolve(checkpoint_dir: str, ranks: Ranks, environ: Mapping[str, str] | None
         return Location(url, local, "local")
     store = open_store(url)
     explicit = env.get("LATTICE_STAGING_DIR", "").strip()
-    if multi_node and not explicit:
-        raise ConfigError(
-            f"checkpoint_dir {url!r} with {ranks.world} ranks on several hosts is not supported: the ranks "
-            "assemble a checkpoint in one shared local directory before it is uploaded. Set "
-            "LATTICE_STAGING_DIR to a directory on a filesystem every host mounts, or use a shared path as "
-            "checkpoint_dir (single-host multi-rank jobs work with a URL as they are)")
     staging = Path(explicit) if explicit else default_staging(url)
+    if multi_node:  # no directory is shared between hosts: assemble the checkpoint in the store
+        return Location(url, staging, "staging", store, staging, old_memory, assemble=True)
     if memory:
         return Location(url, Path(memory), "memory", store, staging)
     return Location(url, staging, "staging", store, staging, old_memory)

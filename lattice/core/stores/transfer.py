@@ -85,11 +85,12 @@ def upload(local_dir: Path, store: Store, step: int, keep: int | None = None) ->
             path = local_dir / name
             retry(f"uploading {path}", lambda n=name, p=path, i=info: store.put_file(step, n, p, i["size"], i["crc32c"]))
             bar.update(info["size"])
-    _commit(store, step, raw, keep)
+    commit_manifest(store, step, raw, keep)
     log.info("uploaded step %d to %s (%.1f MB in %.2fs)", step, store.url, total / 1e6, time.perf_counter() - t0)
 
 
-def _commit(store: Store, step: int, raw: bytes, keep: int | None) -> None:
+def commit_manifest(store: Store, step: int, raw: bytes, keep: int | None) -> None:
+    """Commit ``step`` with manifest ``raw`` (transient errors retried; a commit whose answer was lost counts)."""
     def attempt() -> None:
         try:
             store.commit(step, raw, keep)

@@ -237,6 +237,18 @@ class Service:
         return web.FileResponse(target, headers={CRC_HEADER: f"{crc:08x}",
                                                  "Content-Type": "application/octet-stream"})
 
+    async def get_pending_file(self, request: web.Request) -> web.StreamResponse:
+        """``GET .../checkpoints/{step}/pending/{file}``: a verified file of a not yet committed upload
+        (ranks on several hosts read each other's part declarations before rank 0 commits)."""
+        job, step, _ = self._job_step(request)
+        name = names.check_file(request.match_info["file"])
+        pending = self.pending.get((job, step))
+        entry = pending.files.get(name) if pending is not None and not pending.committing else None
+        if pending is None or entry is None or not (pending.dir / name).is_file():
+            _fail(404, f"job {job!r} has no pending upload of step {step} with file {name!r}")
+        return web.FileResponse(pending.dir / name, headers={CRC_HEADER: f"{entry[1]:08x}",
+                                                             "Content-Type": "application/octet-stream"})
+
     async def delete_step(self, request: web.Request) -> web.Response:
         """``DELETE .../checkpoints/{step}``: drop a committed checkpoint and/or a pending upload."""
         job, step, jd = self._job_step(request)
@@ -370,6 +382,7 @@ def create_app(config: ServiceConfig, root: ServiceRoot) -> web.Application:
         web.get("/v1/jobs/{job}/checkpoints", svc.list_checkpoints),
         web.put(base + "/files/{file}", svc.put_file),
         web.get(base + "/files/{file}", svc.get_file),
+        web.get(base + "/pending/{file}", svc.get_pending_file),
         web.put(base + "/manifest", svc.put_manifest),
         web.get(base + "/manifest", svc.get_manifest),
         web.delete(base, svc.delete_step),
