@@ -216,7 +216,7 @@ class Agent:
             leaving = self._stop.is_set()  # SIGTERM, possibly while another agent's stop is under way
             self._gauge("checkpointing", 1)  # the operator keeps such a pod (lattice/k8s/observe.py)
             record = self._agree_stop(a, group, leaving)
-            group.stop(planned=True, at_step=record["at"])
+            group.stop(planned=record["complete"], at_step=record["at"])
             self._gauge("checkpointing", 0)
             self._count_exits(group, "planned")
             if leaving:

@@ -16,8 +16,11 @@ phases on one record in the store (``lattice/<job>/stop/<round>``):
    at most, in practice none) until then.
 
 No worker can pass the final step: each was held at or below it before its agent's proposal
-was merged. If the store is unreachable, or a member never acknowledges (it died; its loss
-ends the round anyway), the agent stops at the best step it knows after ``timeout``.
+was merged. If the store is unreachable, the agent stops at the best step it knows. If a member
+never acknowledges within ``timeout`` (it died, and its session has not expired yet), its ranks'
+parts can never arrive, so no checkpoint of that step could commit: the record comes back
+without ``complete`` and the agent stops its workers without waiting for one (the restart
+resumes from the newest committed checkpoint, as after any failure).
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class StopAgreement:
             except KVUnavailable as exc:
                 self.log.warning("cannot agree on the stop step with the other agents (%s); stopping locally", exc)
                 record = self._merge(record, proposal, leaving)
-                record["acks"] = list(self.members)  # nobody to wait for
+                record["acks"] = list(self.members)  # nobody to wait for: assume they all stop there too
                 break
         group.hold(record["at"])
         return record
@@ -75,15 +78,17 @@ class StopAgreement:
         return merged
 
     def settle(self, record: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """Wait (bounded) until every member of the round has acknowledged; returns the final record."""
+        """Wait (bounded) until every member of the round has acknowledged; returns the final record,
+        with ``complete`` False if some member never did."""
         deadline, index = time.monotonic() + timeout, 0
         while not set(self.members) <= set(record["acks"]):
             left = deadline - time.monotonic()
             if left <= 0:
                 missing = sorted(set(self.members) - set(record["acks"]))
-                self.log.warning("agents %s did not acknowledge the planned stop within %.0fs; stopping at "
-                                 "step %d", missing, timeout, record["at"])
-                break
+                self.log.warning("agents %s did not acknowledge the planned stop within %.0fs (gone?): no "
+                                 "checkpoint of step %d can commit without their ranks; stopping the workers "
+                                 "without one", missing, timeout, record["at"])
+                return {**record, "complete": False}
             try:
                 index = self.store.wait(self.key, index, min(2.0, left)).index
                 entry = self.store.get(self.key)
@@ -92,7 +97,7 @@ class StopAgreement:
                     record.setdefault("acks", [])
             except KVUnavailable:
                 time.sleep(min(0.5, max(left, 0.0)))
-        return record
+        return {**record, "complete": True}
 
 
 def await_leavers(store: KVStore, stop_key: str, members_prefix: str, timeout: float, log: Any) -> None:
