@@ -7,14 +7,19 @@ and a load test with many concurrent writers.
 
 1. Persist (same run, same bytes, same disk, repetitions interleaved, medians reported):
    - direct: what a local Lattice persist does: each file written to a private temp directory
-     with its crc32c computed, fsynced; manifest written (temp, fsync, rename); directory
-     fsynced and renamed to ``step-N`` (``lattice.core.storage.LocalDirectory``); the previous
-     checkpoint deleted.
-   - service (1 stream): the client computes each file's crc32c and PUTs the files one after
-     the other, then the manifest with ``?keep=1``; the service streams each body to disk with
-     its own crc32c, fsyncs, and commits. Ratio = service throughput / direct throughput.
-   - service (N streams): the same files PUT over ``--files`` parallel connections (as the
-     ranks of a job do).
+     with its crc32c computed and each block sent to the disk at once
+     (``lattice.core.persist.Writeback``), fsynced; manifest written (temp, fsync, rename);
+     directory fsynced and renamed to ``step-N`` (``lattice.core.storage.LocalDirectory``); the
+     previous checkpoint deleted.
+   - direct_plain: the same without the early writeback (write everything, then fsync), the
+     plain way to write a file durably.
+   - service (1 stream): what a Lattice persist to ``lattice://`` does: the same files written
+     with their crc32c into a staging directory on /dev/shm (Lattice's default staging), then
+     uploaded one after the other with Lattice's client (``ServiceStore.put_file``: sendfile
+     from the page cache) and committed with the manifest; the service streams each body to
+     disk with its own crc32c, fsyncs, and commits. Ratio = service throughput / direct.
+   - service (N streams): the same, the files PUT over ``--files`` parallel connections (as the
+     ranks of a job on several hosts do).
 2. Load test: ``--writers`` concurrent writers (threads, one connection per request), each
    committing ``--writer-steps`` checkpoints of two files (``--writer-mib`` MiB + 4 KiB) to its
    own job with ``keep=1``; reports MB/s, requests/s and the number of errors (must be 0).
@@ -45,6 +50,7 @@ import crc32c
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from lattice.core import fmt  # noqa: E402
+from lattice.core.persist import Writeback  # noqa: E402
 from lattice.core.storage import LocalDirectory, write_durable  # noqa: E402
 
 MiB = 1 << 20
@@ -97,8 +103,9 @@ def manifest(step: int, files: dict[str, bytes], crcs: dict[str, int]) -> bytes:
     return fmt.manifest(step, time.time(), info, {"bench": "python"})
 
 
-def persist_direct(root: Path, step: int, files: dict[str, bytes]) -> None:
-    """A local persist: write + crc32c + fsync each file, manifest, atomic rename, retention."""
+def persist_direct(root: Path, step: int, files: dict[str, bytes], early_writeback: bool = True) -> None:
+    """A local persist: write + crc32c + fsync each file, manifest, atomic rename, retention; with
+    ``early_writeback`` each block goes to the disk at once, as Lattice's persist does."""
     local = LocalDirectory(root)
     local.prepare()
     tmp = local.new_tmp(step)
@@ -106,11 +113,13 @@ def persist_direct(root: Path, step: int, files: dict[str, bytes]) -> None:
     for name, data in files.items():
         fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            crc, view = 0, memoryview(data)
+            crc, view, writeback = 0, memoryview(data), Writeback(fd)  # as lattice.core.persist writes
             for off in range(0, len(data), 4 * MiB):
                 block = view[off:off + 4 * MiB]
                 crc = crc32c.crc32c(block, crc)
                 os.write(fd, block)
+                if early_writeback:
+                    writeback.wrote(off, off + len(block))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -120,46 +129,50 @@ def persist_direct(root: Path, step: int, files: dict[str, bytes]) -> None:
     local.retain(1, step)
 
 
-def persist_service(port: int, job: str, step: int, files: dict[str, bytes], streams: int) -> None:
-    """Upload ``files`` (crc32c computed by the client) over ``streams`` connections, then commit."""
-    def put(item: tuple[str, bytes]) -> tuple[str, int]:
-        name, data = item
-        crc = crc32c.crc32c(data)
-        status = request(port, "PUT", f"/v1/jobs/{job}/checkpoints/{step}/files/{name}", data,
-                         {"X-Lattice-Crc32c": f"{crc:08x}", "Content-Length": str(len(data))})
-        if status != 201:
-            raise RuntimeError(f"PUT {name} -> {status}")
-        return name, crc
+def persist_service(port: int, job: str, step: int, files: dict[str, bytes], streams: int, staging: Path) -> None:
+    """Stage ``files`` (write + crc32c, on /dev/shm), upload them with Lattice's client over
+    ``streams`` connections, then commit (retention keeps 1)."""
+    from lattice.core.stores.service import ServiceStore
+
+    store = ServiceStore(f"lattice://127.0.0.1:{port}/{job}", token=TOKEN)
+    staging.mkdir(parents=True, exist_ok=True)
+    crcs = {}
+    for name, data in files.items():
+        (staging / name).write_bytes(data)
+        crcs[name] = crc32c.crc32c(data)
+
+    def put(name: str) -> None:
+        store.put_file(step, name, staging / name, len(files[name]), crcs[name])
 
     with ThreadPoolExecutor(streams) as pool:
-        crcs = dict(pool.map(put, files.items()))
-    status = request(port, "PUT", f"/v1/jobs/{job}/checkpoints/{step}/manifest?keep=1",
-                     manifest(step, files, crcs))
-    if status != 201:
-        raise RuntimeError(f"commit of step {step} -> {status}")
+        list(pool.map(put, files))
+    store.commit(step, manifest(step, files, crcs), keep=1)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def bench_persist(args: argparse.Namespace, port: int, base: Path) -> dict[str, Any]:
     files = make_files(args.size_mib, args.files)
     total = sum(len(d) for d in files.values())
-    runs: dict[str, list[float]] = {"direct": [], "service_1": [], f"service_{args.files}": []}
+    runs: dict[str, list[float]] = {"direct": [], "direct_plain": [], "service_1": [], f"service_{args.files}": []}
     contenders = list(runs)
+    staging = Path(tempfile.mkdtemp(prefix="lattice-bench-staging-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     for rep in range(args.reps):
         order = contenders[rep % len(contenders):] + contenders[:rep % len(contenders)]
         for name in order:
             step = rep + 1
             t0 = time.perf_counter()
-            if name == "direct":
-                persist_direct(base / "direct", step, files)
+            if name.startswith("direct"):
+                persist_direct(base / name, step, files, early_writeback=name == "direct")
             else:
-                persist_service(port, name, step, files, 1 if name == "service_1" else args.files)
+                persist_service(port, name, step, files, 1 if name == "service_1" else args.files, staging)
             runs[name].append(total / MiB / (time.perf_counter() - t0))
     med = {k: statistics.median(v) for k, v in runs.items()}
     # the shared disk drifts between repetitions: the ratio within each repetition is steadier
-    paired = {k: statistics.median(s / d for s, d in zip(runs[k], runs["direct"], strict=True))
-              for k in contenders[1:]}
+    services = [k for k in contenders if k.startswith("service")]
+    paired = {f"{k} / {d}": statistics.median(s / b for s, b in zip(runs[k], runs[d], strict=True))
+              for k in services for d in ("direct", "direct_plain")}
     return {"bytes": total, "mib_per_s_runs": runs, "mib_per_s_median": med,
-            "ratio_of_medians": {k: med[k] / med["direct"] for k in contenders[1:]},
+            "ratio_of_medians": {f"{k} / {d}": med[k] / med[d] for k in services for d in ("direct", "direct_plain")},
             "median_paired_ratio": paired}
 
 
@@ -225,7 +238,7 @@ def main() -> int:
     for name, value in med.items():
         print(f"  {name:12} {value:8.1f}   runs: {', '.join(f'{v:.0f}' for v in persist['mib_per_s_runs'][name])}")
     for k, ratio in persist["ratio_of_medians"].items():
-        print(f"  {k} / direct: ratio of medians {ratio:.2f}, median of per-repetition ratios "
+        print(f"  {k}: ratio of medians {ratio:.2f}, median of per-repetition ratios "
               f"{persist['median_paired_ratio'][k]:.2f}  (target >= 0.7)")
     print(f"load: {load['writers']} writers, {load['requests']} requests in {load['seconds']:.1f} s: "
           f"{load['mb_per_s']:.0f} MB/s, {load['requests_per_s']:.1f} requests/s, "

@@ -78,7 +78,7 @@ _sync_file_range = _libc_sync_file_range()
 _SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
 
 
-class _Writeback:
+class Writeback:
     """Send each written chunk to the disk at once, with at most two chunks in flight.
 
     Without this the whole file sits dirty in the page cache until ``fsync`` writes it in
@@ -148,7 +148,7 @@ def _write_synced(path: Path, parts: list[memoryview | Pending]) -> int:
     direct = _Direct(path)
     size = 0
     try:
-        writeback = _Writeback(fd)
+        writeback = Writeback(fd)
         for chunk in _chunks(parts):
             done = direct.write(chunk, size)
             _pwrite_all(fd, chunk[done:], size + done)

@@ -77,8 +77,11 @@ class ServiceStore(Store):
             conn.endheaders()
             if stream_from is not None:
                 with open(stream_from, "rb") as f:
-                    while chunk := f.read(CHUNK):
-                        conn.send(chunk)
+                    if conn.sock is not None:  # zero-copy from the page cache (sendfile where the OS has it)
+                        conn.sock.sendfile(f, 0, size)
+                    else:
+                        while chunk := f.read(CHUNK):
+                            conn.send(chunk)
             elif body:
                 conn.send(body)
             return conn, conn.getresponse()

@@ -25,6 +25,7 @@ import crc32c
 
 from lattice.core import fmt
 from lattice.core.errors import ConfigError
+from lattice.core.persist import Writeback
 from lattice.core.storage import TMP_TAG, TRASH_TAG, LocalDirectory, fsync_dir, write_durable
 
 from .names import JOB_RE
@@ -48,6 +49,7 @@ class PartWriter:
         self.crc = 0
         self._lock = threading.Lock()
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._writeback = Writeback(self._fd)  # each block goes to disk while the next arrives
 
     def write(self, chunks: list[bytes]) -> None:
         """Append ``chunks`` to the file (one ``writev``, no joining copy) and to the checksum."""
@@ -61,6 +63,7 @@ class PartWriter:
                 rest = memoryview(b"".join(chunks))[done:]
                 while rest:
                     rest = rest[os.write(self._fd, rest):]
+            self._writeback.wrote(self.size, self.size + want)
             self.size += want
 
     def finish(self) -> None:

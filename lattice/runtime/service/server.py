@@ -12,6 +12,8 @@ concurrently and only touch shared state in short sections without an ``await``.
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -36,6 +38,7 @@ BLOCK = 4 << 20  # bytes handed to a writer thread at a time
 MAX_MANIFEST = 16 << 20
 READ_SIZE = 1 << 20  # bytes per socket read while receiving a file
 MAX_CHUNKS = 512  # per writev call (IOV_MAX is 1024 on Linux)
+DEPTH = 2  # blocks of one upload queued for its writer thread while the next arrives
 CRC_HEADER = "X-Lattice-Crc32c"
 _CRC_RE = re.compile(r"[0-9a-f]{8}")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -302,23 +305,30 @@ class Service:
 
 
 async def _receive(request: web.Request, writer: PartWriter) -> None:
-    """Copy the body into ``writer`` in blocks of about ``BLOCK`` bytes, one block written (in a
-    worker thread) while the next arrives; at most two blocks per upload are in memory."""
+    """Copy the body into ``writer`` in blocks of about ``BLOCK`` bytes, written in order by one
+    thread of this upload while the next blocks arrive; at most ``DEPTH`` + 1 blocks per upload
+    are in memory."""
     loop = asyncio.get_running_loop()
     chunks: list[bytes] = []
-    held, inflight = 0, None
-    async for chunk in request.content.iter_any():
-        chunks.append(chunk)
-        held += len(chunk)
-        if held >= BLOCK or len(chunks) >= MAX_CHUNKS:
-            if inflight is not None:
-                await inflight
-            inflight = loop.run_in_executor(None, writer.write, chunks)
-            chunks, held = [], 0
-    if inflight is not None:
-        await inflight
-    if chunks:
-        await loop.run_in_executor(None, writer.write, chunks)
+    held = 0
+    inflight: collections.deque[asyncio.Future[None]] = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lattice-upload") as thread:
+        try:
+            async for chunk in request.content.iter_any():
+                chunks.append(chunk)
+                held += len(chunk)
+                if held >= BLOCK or len(chunks) >= MAX_CHUNKS:
+                    if len(inflight) >= DEPTH:
+                        await inflight.popleft()
+                    inflight.append(loop.run_in_executor(thread, writer.write, chunks))
+                    chunks, held = [], 0
+            if chunks:
+                inflight.append(loop.run_in_executor(thread, writer.write, chunks))
+            while inflight:
+                await inflight.popleft()
+        except BaseException:  # let the queued writes end before the writer is aborted
+            await asyncio.gather(*inflight, return_exceptions=True)
+            raise
 
 
 def _widen_reads(transport: asyncio.BaseTransport | None) -> None:
