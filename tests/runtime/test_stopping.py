@@ -70,3 +70,18 @@ def test_a_member_that_never_acknowledges_makes_the_stop_incomplete(store) -> No
     agreement = StopAgreement(store, key, "a", ("a", "dead"), log)
     final = agreement.settle(agreement.join(FakeGroup(9), leaving=False), timeout=0.5)
     assert final["complete"] is False and final["at"] == 9
+
+
+def test_a_store_that_goes_away_during_the_agreement_still_gives_a_planned_stop(store) -> None:  # type: ignore[no-untyped-def]
+    from lattice.runtime.kv.api import KVUnavailable
+
+    class Down:
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            def fail(*args, **kwargs):  # type: ignore[no-untyped-def]
+                raise KVUnavailable("connection refused")
+            return fail
+
+    key = f"t/{uuid.uuid4().hex}/stop/2"
+    record = StopAgreement(store, key, "a", ("a", "b"), log).join(FakeGroup(15), leaving=False)
+    final = StopAgreement(Down(), key, "a", ("a", "b"), log).settle(record, timeout=0.5)  # type: ignore[arg-type]
+    assert final["complete"] and final["at"] == 15  # checkpoint at the best step known, as before

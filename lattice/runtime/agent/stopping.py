@@ -16,7 +16,8 @@ phases on one record in the store (``lattice/<job>/stop/<round>``):
    at most, in practice none) until then.
 
 No worker can pass the final step: each was held at or below it before its agent's proposal
-was merged. If the store is unreachable, the agent stops at the best step it knows. If a member
+was merged. If the store is unreachable, the agent stops at the best step it knows (with a
+checkpoint, as the others will when they cannot reach it either). If a member
 never acknowledges within ``timeout`` (it died, and its session has not expired yet), its ranks'
 parts can never arrive, so no checkpoint of that step could commit: the record comes back
 without ``complete`` and the agent stops its workers without waiting for one (the restart
@@ -80,9 +81,13 @@ class StopAgreement:
     def settle(self, record: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Wait (bounded) until every member of the round has acknowledged; returns the final record,
         with ``complete`` False if some member never did."""
-        deadline, index = time.monotonic() + timeout, 0
+        deadline, index, store_down = time.monotonic() + timeout, 0, False
         while not set(self.members) <= set(record["acks"]):
             left = deadline - time.monotonic()
+            if left <= 0 and store_down:  # as in join(): stop at the best step known, with a checkpoint
+                self.log.warning("the store is unreachable; stopping at step %d without every agent's answer",
+                                 record["at"])
+                break
             if left <= 0:
                 missing = sorted(set(self.members) - set(record["acks"]))
                 self.log.warning("agents %s did not acknowledge the planned stop within %.0fs (gone?): no "
@@ -95,7 +100,9 @@ class StopAgreement:
                 if entry is not None:
                     record = json.loads(entry.value)
                     record.setdefault("acks", [])
+                store_down = False
             except KVUnavailable:
+                store_down = True
                 time.sleep(min(0.5, max(left, 0.0)))
         return {**record, "complete": True}
 
