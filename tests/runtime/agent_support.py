@@ -90,3 +90,14 @@ def serve(cwd: Path) -> tuple[Proc, str]:
             time.sleep(0.1)
     p.kill()
     raise AssertionError("rendezvous server did not start:\n" + p.text)
+
+
+def last_step_before(p: Proc, marker: str) -> int:
+    """The last step a worker of ``p`` completed before the output line ``marker``."""
+    last = 0
+    for line in p.lines:
+        if line == marker:
+            return last
+        if m := re.search(r"\]: step (\d+)$", line):
+            last = int(m.group(1))
+    raise AssertionError(f"{marker!r} not in output")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_support import LATTICE, WORKER, Proc, serve
+from agent_support import LATTICE, WORKER, Proc, last_step_before, serve
 
 
 def agent(tmp: Path, endpoint: str, *worker: str, ttl: str = "1") -> Proc:
@@ -24,15 +24,23 @@ def worker_lines(p: Proc, pattern: str) -> list[re.Match[str]]:
     return [m for line in p.lines if (m := re.search(pattern, line))]
 
 
-def last_step_before(p: Proc, marker: str) -> int:
-    """The last step a worker of ``p`` completed before the line ``marker``."""
-    last = 0
-    for line in p.lines:
-        if line == marker:
-            return last
-        if m := re.search(r"\]: step (\d+)$", line):
-            last = int(m.group(1))
-    raise AssertionError(f"{marker!r} not in output")
+def two_agents(tmp: Path, endpoint: str, procs: list[Proc], sleeps: tuple[str, str], every: str) -> tuple[Proc, Proc]:
+    """Agents a and b (workers sleeping ``sleeps`` per step, checkpointing every ``every``), once
+    both workers have started in a world of 2."""
+    a, b = (agent(tmp, endpoint, "--steps", "100000", "--sleep", s, "--every", every) for s in sleeps)
+    procs += [a, b]
+    for p in (a, b):
+        p.wait_for(lambda ln: "start step 0 world 2" in ln, 60)
+    return a, b
+
+
+def leave_gracefully(leaver: Proc, survivor: Proc) -> tuple[str, int]:
+    """SIGTERM ``leaver`` (exits 0 after the planned checkpoint); the survivor's restart line and step."""
+    mark = survivor.mark()
+    leaver.signal(signal.SIGTERM)
+    assert leaver.wait(60) == 0, leaver.text
+    down = survivor.wait_for(lambda ln: "world 1" in ln and "start step" in ln, 60, after=mark)
+    return down, int(re.search(r"start step (\d+)", down).group(1))
 
 
 @pytest.mark.timeout(240)
@@ -40,11 +48,7 @@ def test_agents_survive_a_kill_and_scale_up_and_down_without_losing_planned_step
     server, endpoint = serve(tmp_path)
     procs = [server]
     try:
-        a = agent(tmp_path, endpoint, "--steps", "100000", "--sleep", "0.05", "--every", "10")
-        b = agent(tmp_path, endpoint, "--steps", "100000", "--sleep", "0.05", "--every", "10")
-        procs += [a, b]
-        a.wait_for(lambda ln: "start step 0 world 2" in ln, 60)
-        b.wait_for(lambda ln: "start step 0 world 2" in ln, 60)
+        a, b = two_agents(tmp_path, endpoint, procs, ("0.05", "0.05"), "10")
         a.wait_for(lambda ln: ln.endswith("]: step 25"), 60)
 
         # an agent dies: the survivor re-rendezvouses alone and resumes from the newest checkpoint
@@ -66,11 +70,7 @@ def test_agents_survive_a_kill_and_scale_up_and_down_without_losing_planned_step
 
         # scale down: SIGTERM to the newcomer; both stop at one step, the survivor goes on alone
         a.wait_for(lambda ln: ln.endswith(f"]: step {up_step + 5}"), 60)
-        mark = a.mark()
-        c.signal(signal.SIGTERM)
-        assert c.wait(60) == 0, c.text
-        down = a.wait_for(lambda ln: "world 1" in ln and "start step" in ln, 60, after=mark)
-        down_step = int(re.search(r"start step (\d+)", down).group(1))
+        down, down_step = leave_gracefully(c, a)
         assert down_step == last_step_before(a, down)
         c_steps = [int(m.group(1)) for m in worker_lines(c, r"\]: step (\d+)$")]
         assert max(c_steps) == down_step  # the leaving node's last step is in the checkpoint too
@@ -109,17 +109,9 @@ def test_a_planned_stop_never_sends_a_rank_that_is_ahead_back(tmp_path: Path) ->
     server, endpoint = serve(tmp_path)
     procs = [server]
     try:
-        a = agent(tmp_path, endpoint, "--steps", "100000", "--sleep", "0.02", "--every", "100000")
-        b = agent(tmp_path, endpoint, "--steps", "100000", "--sleep", "0.1", "--every", "100000")
-        procs += [a, b]
-        a.wait_for(lambda ln: "start step 0 world 2" in ln, 60)
-        b.wait_for(lambda ln: "start step 0 world 2" in ln, 60)
+        a, b = two_agents(tmp_path, endpoint, procs, ("0.02", "0.1"), "100000")
         b.wait_for(lambda ln: ln.endswith("]: step 10"), 60)
-        mark = a.mark()
-        b.signal(signal.SIGTERM)
-        assert b.wait(60) == 0, b.text
-        down = a.wait_for(lambda ln: "world 1" in ln and "start step" in ln, 60, after=mark)
-        down_step = int(re.search(r"start step (\d+)", down).group(1))
+        down, down_step = leave_gracefully(b, a)
         b_steps = [int(m.group(1)) for m in worker_lines(b, r"\]: step (\d+)$")]
         assert down_step == last_step_before(a, down) == max(b_steps)
         assert down_step > 20  # the survivor was well ahead of the leaver's 10 steps

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from agent_support import LATTICE, WORKER, Proc, serve
+from agent_support import LATTICE, WORKER, Proc, last_step_before, serve
 from kv_support import free_port
 
 from lattice.core.stores import open_store
@@ -35,16 +35,6 @@ def service(tmp: Path) -> tuple[Proc, str, str]:
                 p.kill()
                 raise AssertionError("the checkpoint service did not start:\n" + p.text) from None
             time.sleep(0.1)
-
-
-def last_step_before(p: Proc, marker: str) -> int:
-    last = 0
-    for line in p.lines:
-        if line == marker:
-            return last
-        if m := re.search(r"\]: step (\d+)$", line):
-            last = int(m.group(1))
-    raise AssertionError(f"{marker!r} not in output")
 
 
 @pytest.mark.timeout(180)

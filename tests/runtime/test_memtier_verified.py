@@ -4,7 +4,9 @@ marked for another manifest of the same step, or a checkpoint in storage) is che
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,22 +50,26 @@ def restore_from_memory(tmp: Path, memdir: Path, monkeypatch: pytest.MonkeyPatch
         s.close()
 
 
-def replicator(tmp: Path, root: Path) -> MemoryTier:
-    tier = MemoryTier(cfg(tmp, root))
-    tier.start()
-    tier._stop.set()  # drive it by hand
-    tier._thread.join(5)  # type: ignore[union-attr]
-    return tier
+@contextlib.contextmanager
+def tier_with_step_5(tmp: Path) -> Iterator[tuple[MemoryTier, Path]]:
+    """An agent's memory tier driven by hand (``tick``) whose directory holds step 5, not uploaded."""
+    with memory_root() as root:
+        tier = MemoryTier(cfg(tmp, root))
+        tier.start()
+        tier._stop.set()
+        tier._thread.join(5)  # type: ignore[union-attr]
+        assert tier.dir is not None
+        commit(tier.dir, 5, kb=KB)
+        try:
+            yield tier, tier.dir
+        finally:
+            tier.close(timeout=5)
 
 
 @pytest.mark.timeout(60)
 def test_an_uploaded_memory_checkpoint_restores_without_checksumming_its_data(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checksummed: list[int]) -> None:
-    with memory_root() as root:
-        tier = replicator(tmp_path, root)
-        memdir = tier.dir
-        assert memdir is not None
-        commit(memdir, 5, kb=KB)
+    with tier_with_step_5(tmp_path) as (tier, memdir):
         checksummed.clear()
         step, w = restore_from_memory(tmp_path, memdir, monkeypatch)  # not uploaded yet: full check
         assert step == 5 and (w == 5).all() and sum(checksummed) > KB << 10
@@ -77,17 +83,12 @@ def test_an_uploaded_memory_checkpoint_restores_without_checksumming_its_data(
         tier.tick()
         assert not (memdir / f"{tiers.VERIFIED}5").exists()  # pruned with its checkpoint
         assert (memdir / f"{tiers.VERIFIED}10").is_file()
-        tier.close(timeout=5)
 
 
 @pytest.mark.timeout(60)
 def test_a_marker_of_another_checkpoint_of_the_same_step_does_not_count(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checksummed: list[int]) -> None:
-    with memory_root() as root:
-        tier = replicator(tmp_path, root)
-        memdir = tier.dir
-        assert memdir is not None
-        commit(memdir, 5, kb=KB)
+    with tier_with_step_5(tmp_path) as (tier, memdir):
         tier.tick()
         assert (memdir / f"{tiers.VERIFIED}5").is_file()
         # step 5 committed again with other data (a restart from an older step got there again)
@@ -100,7 +101,6 @@ def test_a_marker_of_another_checkpoint_of_the_same_step_does_not_count(
         checksummed.clear()
         restore_from_memory(tmp_path, memdir, monkeypatch)
         assert sum(checksummed) > KB << 10  # checked in full
-        tier.close(timeout=5)
 
 
 @pytest.mark.timeout(60)
