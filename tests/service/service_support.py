@@ -38,13 +38,14 @@ class ServiceProc:
     """``lattice checkpoint-service serve`` in its own process group, on a free loopback port."""
 
     def __init__(self, root: Path, workdir: Path, *, max_file_size: str | None = None,
-                 token: str = TOKEN, extra: list[str] | None = None) -> None:
+                 token: str = TOKEN, extra: list[str] | None = None, wrap: list[str] | None = None) -> None:
         self.root, self.workdir, self.token = root, workdir, token
         self.token_file = workdir / "token"
         self.token_file.write_text(token + "\n")
         self.token_file.chmod(0o600)
         self.max_file_size = max_file_size
         self.extra = extra or []
+        self.wrap = wrap or []  # a command the service runs under (e.g. a private mount namespace)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "service.log"
         self.url = ""
@@ -56,7 +57,7 @@ class ServiceProc:
                 "--shutdown-timeout", "5"]
         if self.max_file_size:
             argv += ["--max-file-size", self.max_file_size]
-        argv += self.extra
+        argv = self.wrap + argv + self.extra
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
