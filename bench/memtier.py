@@ -51,14 +51,9 @@ MiB = 1 << 20
 
 
 def fs_type(path: Path) -> str:
-    """The filesystem type of the mount holding ``path`` (from /proc/mounts)."""
-    best, kind = "", "?"
-    real = os.path.realpath(path)
-    for line in Path("/proc/mounts").read_text().splitlines():
-        _, mnt, typ, *_ = line.split()
-        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
-            best, kind = mnt, typ
-    return kind
+    from lattice.core.stores.tiers import fs_type as kind
+
+    return kind(path)
 
 
 def drop_cache(root: Path) -> str:

@@ -110,3 +110,18 @@ def test_url_with_ranks_on_several_hosts_assembles_the_checkpoint_in_the_store(t
     assert loc.assemble and loc.local == tmp_path
     one_host = tiers.resolve("memory://b/j", Ranks(0, 4), {"LOCAL_WORLD_SIZE": "4"})
     assert not one_host.assemble and one_host.upload
+
+
+def test_a_host_local_checkpoint_dir_with_ranks_on_several_hosts_is_warned_about(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="lattice"):
+        tiers.resolve(str(tmp_path / "ckpt"), Ranks(0, 4), {"LOCAL_WORLD_SIZE": "2"})
+    kind = tiers.fs_type(tmp_path)
+    if kind in tiers.HOST_LOCAL_FS:
+        assert "several hosts" in caplog.text and "no checkpoint commits" in caplog.text
+    else:  # a network filesystem here: nothing to warn about
+        assert "several hosts" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lattice"):
+        tiers.resolve(str(tmp_path / "ckpt"), Ranks(0, 4), {"LOCAL_WORLD_SIZE": "4"})  # one host: fine
+    assert "several hosts" not in caplog.text

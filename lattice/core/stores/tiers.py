@@ -132,6 +132,8 @@ def resolve(checkpoint_dir: str, ranks: Ranks, environ: Mapping[str, str] | None
     memory = "" if disabled else memory
     if not is_remote(url):
         local = path_of(url)
+        if multi_node and ranks.rank == 0:
+            _warn_if_host_local(local, ranks)
         if old_memory is not None:
             return Location(url, local, "local", memory=old_memory)
         if memory:
@@ -147,6 +149,36 @@ def resolve(checkpoint_dir: str, ranks: Ranks, environ: Mapping[str, str] | None
     if memory:
         return Location(url, Path(memory), "memory", store, staging)
     return Location(url, staging, "staging", store, staging, old_memory)
+
+
+HOST_LOCAL_FS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "tmpfs", "ramfs", "overlay"}
+
+
+def fs_type(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (the longest mount point in /proc/mounts), or "?"."""
+    real, best, kind = os.path.realpath(path), "", "?"
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mnt = fields[1]
+        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+            best, kind = mnt, fields[2]
+    return kind
+
+
+def _warn_if_host_local(local: Path, ranks: Ranks) -> None:
+    """Ranks on several hosts assemble a checkpoint in one directory: say so if it cannot be shared."""
+    kind = fs_type(local.parent if not local.exists() else local)
+    if kind in HOST_LOCAL_FS:
+        log.warning("checkpoint_dir %s is on a %s filesystem of this host, but the %d ranks run on several hosts: "
+                    "unless every host mounts this same directory, rank 0 never sees the other hosts' parts and "
+                    "no checkpoint commits. Use a URL (lattice://, s3://, ...) or a shared mount", local, kind,
+                    ranks.world)
 
 
 def memory_disabled(memory: Path) -> bool:
