@@ -162,7 +162,21 @@ class Controller:
             self.spec, self.generation = translate.localize(spec, self._settings()), generation
             log.info("spec generation %s: %d..%d workers, desired %d", generation, spec.min_size,
                      spec.max_size, spec.desired)
+            self._publish_limits(spec)
         return self.spec
+
+    def _publish_limits(self, spec: JobSpec) -> None:
+        """Running agents keep the limits they started with: hand them the edited ones (rendezvous/limits.py)."""
+        from ..runtime.kv.api import KVError
+        from ..runtime.rendezvous.limits import publish_limits
+
+        if not self.pods or spec.generation <= 0:
+            return
+        try:
+            if publish_limits(self.store, spec.name, spec.generation, spec.min_size, spec.max_size):
+                log.info("running agents now act on %d..%d workers", spec.min_size, spec.max_size)
+        except (KVError, ValueError) as exc:
+            log.warning("could not hand the new limits to the running agents: %s", exc)
 
     def _settings(self) -> translate.LocalSettings:
         return translate.LocalSettings(endpoint=f"127.0.0.1:{self.server.port}", checkpoint_dir=self.checkpoint_dir,

@@ -4,7 +4,8 @@ Every trigger (job created/resumed/spec changed, a periodic timer, any event of 
 runs the same :func:`reconcile_job`: read the job and its pods, build ``Observed``, call the pure
 ``reconcile``, apply its actions (create pods, delete pods, post Events), then write the status
 and the reconcile memory (an annotation) when they changed. All decisions live in
-``lattice/k8s/reconcile.py``; this module only moves data. One lock per job keeps concurrent
+``lattice/k8s/reconcile.py``; this module only moves data (and, when min/max were edited, hands
+the new limits to the running agents: limits.py). One lock per job keeps concurrent
 triggers from planning on the same observation.
 """
 
@@ -35,6 +36,7 @@ from lattice.k8s.render import pod, service
 from lattice.k8s.spec import GROUP, JOB_LABEL, PLURAL, VERSION
 
 from .cluster import Cluster
+from .limits import publish_if_stale
 
 log = logging.getLogger("lattice.operator")
 INTERVAL = float(os.environ.get("LATTICE_OPERATOR_INTERVAL", "10"))  # seconds between timer reconciles
@@ -82,6 +84,7 @@ def reconcile_job(namespace: str, name: str, api: Cluster | None = None, now: fl
             pods = reader(pods, spec.checkpoint.url)
         plan = reconcile(spec, observed_from(job, pods), now or time.time())
         _apply(api, job, spec, plan)
+        publish_if_stale(spec, pods)  # edited min/max reach the running agents (limits.py)
         return plan
 
 

@@ -13,6 +13,7 @@ import asyncio
 import copy
 import json
 import threading
+import time
 
 import kmock as km
 import kopf
@@ -148,6 +149,40 @@ async def test_kubectl_scale_removes_the_highest_index_but_not_while_it_checkpoi
     assert [r for _, r in events(fake)].count("ScalingDown") == 2
     await reconcile(api)
     assert job(fake)["status"]["phase"] == "Running" and job(fake)["status"]["observedGeneration"] == 2
+
+
+async def test_edited_limits_reach_the_running_agents_through_the_rendezvous_store(fake, api):
+    """minSize/maxSize edited on a running job: pods keep their flags, so the operator writes the
+    new limits into the job's round document (a real embedded KV server here), where the agents
+    act on them (tests/runtime/test_agent_limits.py shows the agents' side)."""
+    from lattice_operator import limits
+
+    from lattice.runtime.kv import create_backend
+    from lattice.runtime.kv.server import start_server
+    from lattice.runtime.rendezvous.decide import RoundState
+
+    server = start_server("127.0.0.1", 0)
+    store = create_backend("embedded", url=server.url)
+    limits._published.clear()
+    try:
+        fake.objects[JOBS, "lattice", "example-job"].patch(
+            {"spec": {"rendezvous": {"backend": "embedded", "endpoint": server.url}}})
+        await reconcile(api)  # generation 1: the pods carry these limits themselves
+        key = "lattice/example-job/state"
+        store.cas(key, RoundState(round=4, phase="closed", ranks=(("a", 0), ("b", 1))).to_json(), 0)
+        assert limits.publish_if_stale(handlers.parse_job(job(fake), handlers.default_rendezvous()),
+                                       objects(fake, "pods").values()) is None  # nothing older runs
+        fake.objects[JOBS, "lattice", "example-job"].patch({"spec": {"minSize": 2, "maxSize": 5},
+                                                            "metadata": {"generation": 5}})
+        await reconcile(api)
+        deadline = time.monotonic() + 10
+        while RoundState.from_json(store.get(key).value).sizes is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        doc = RoundState.from_json(store.get(key).value)
+        assert doc.sizes == (5, 2, 5) and doc.round == 4 and doc.rank_of == {"a": 0, "b": 1}
+    finally:
+        store.close()
+        server.stop()
 
 
 async def test_an_invalid_spec_fails_the_job_with_a_reason(fake, api):
