@@ -197,8 +197,11 @@ class Session:
 
     def _trim(self, restored_step: int) -> None:
         """Apply retention up to the restored step: a crash between a commit and its retention
-        (possibly twice in a row) can leave more than ``keep`` behind. Only rank 0 deletes."""
-        if self.ranks.rank != 0 or self.location.kind == "memory":
+        (possibly twice in a row) can leave more than ``keep`` behind. Only rank 0 deletes; with
+        ranks on several hosts, where the staging directory holds only downloads, the first rank
+        of each host prunes its host's (else every restart would leave one more download)."""
+        first_here = self.location.assemble and os.environ.get("LOCAL_RANK", "0") == "0"
+        if not (self.ranks.rank == 0 or first_here) or self.location.kind == "memory":
             return
         retired = self.storage.retire_old(self.config.keep, newest=restored_step)
         if retired:

@@ -120,3 +120,40 @@ def test_a_missing_rank_on_another_host_leaves_nothing_committed(remote: tuple[s
                     failing=(0,))  # rank 2 puts its part and is done; rank 0 waits for rank 1 in vain
     assert "rank(s) [1] did not put their part" in out[0]["error"]
     assert open_store(url).list_committed() == []
+
+
+@pytest.mark.timeout(60)
+def test_each_host_keeps_only_keep_downloads_in_its_staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks on several hosts: a host's staging directory holds only the checkpoints it downloaded;
+    its first rank prunes them to ``keep`` on restore, so restarts do not pile them up."""
+    import numpy as np
+
+    import lattice
+    from lattice.core.stores import transfer
+
+    local = tmp_path / "local"
+    for step in (1, 2, 3, 4):  # four committed checkpoints, made by one process
+        s = lattice.new_session(checkpoint_dir=str(local), every_steps=None, keep=10, capture_rng=False)
+        arr = np.zeros(16)
+        s.register({"w": arr})  # restores the previous one into arr; then this step's value
+        arr[:] = step
+        s.step = step
+        s.checkpoint()
+        s.wait()
+        s.close()
+    url = f"memory://t-{uuid.uuid4().hex[:10]}/job"
+    transfer.upload(local / fmt.step_dirname(4), open_store(url), 4)
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    for step in (1, 2, 3):  # downloads of earlier restarts
+        shutil.copytree(local / fmt.step_dirname(step), stage / fmt.step_dirname(step))
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                 "LATTICE_STAGING_DIR": str(stage), "LATTICE_JOB": "t"}.items():
+        monkeypatch.setenv(k, v)
+    s = lattice.new_session(checkpoint_dir=url, every_steps=None, keep=2, capture_rng=False)
+    w = np.zeros(16)
+    s.register({"w": w})
+    s.close()
+    assert s.restored is not None and s.restored.step == 4 and (w == 4.0).all()
+    assert sorted(p.name for p in stage.iterdir() if p.name.startswith("step-") and "." not in p.name) == [
+        fmt.step_dirname(3), fmt.step_dirname(4)]
