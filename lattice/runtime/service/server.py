@@ -1,7 +1,7 @@
 """The checkpoint service's HTTP API (aiohttp): auth, routes, streaming uploads, atomic commit.
 
 The API is contract A of issue 6 (``docs/service-openapi.yaml``). A file upload streams to a
-hidden part file in blocks written by worker threads with a running crc32c (never held whole
+hidden part file in blocks written by a thread of its own with a running crc32c (receive.py; never held whole
 in memory), is fsynced, checked against ``X-Lattice-Crc32c``, then moved into the step's
 upload directory. The manifest, sent last, commits: every file it lists must have arrived
 with the same size and crc32c; then the directory is renamed to ``step-N`` in one step. Each
@@ -12,8 +12,6 @@ concurrently and only touch shared state in short sections without an ``await``.
 from __future__ import annotations
 
 import asyncio
-import collections
-import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -32,13 +30,10 @@ from lattice.core import fmt
 
 from . import names
 from .layout import JobDir, PartWriter, ServiceRoot
+from .receive import receive, widen_reads
 
 log = logging.getLogger("lattice")
-BLOCK = 4 << 20  # bytes handed to a writer thread at a time
 MAX_MANIFEST = 16 << 20
-READ_SIZE = 1 << 20  # bytes per socket read while receiving a file
-MAX_CHUNKS = 512  # per writev call (IOV_MAX is 1024 on Linux)
-DEPTH = 2  # blocks of one upload queued for its writer thread while the next arrives
 CRC_HEADER = "X-Lattice-Crc32c"
 _CRC_RE = re.compile(r"[0-9a-f]{8}")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -162,10 +157,10 @@ class Service:
             _fail(413, f"file {name!r} is {length} bytes; this service accepts at most "
                        f"{self.config.max_file_size} (--max-file-size)")
         self._refuse_if_committed(job, step, jd)
-        _widen_reads(request.transport)
+        widen_reads(request.transport)
         writer = await asyncio.to_thread(lambda: PartWriter(jd.new_part(step)))
         try:
-            await _receive(request, writer)
+            await receive(request, writer)
             if writer.size != length:
                 _fail(400, f"body ended after {writer.size} of {length} bytes")
             await asyncio.to_thread(writer.finish)
@@ -302,44 +297,6 @@ class Service:
         if pending is None or not pending.dir.is_dir():
             pending = self.pending[(job, step)] = Pending(jd.new_upload_dir(step))
         return pending
-
-
-async def _receive(request: web.Request, writer: PartWriter) -> None:
-    """Copy the body into ``writer`` in blocks of about ``BLOCK`` bytes, written in order by one
-    thread of this upload while the next blocks arrive; at most ``DEPTH`` + 1 blocks per upload
-    are in memory."""
-    loop = asyncio.get_running_loop()
-    chunks: list[bytes] = []
-    held = 0
-    inflight: collections.deque[asyncio.Future[None]] = collections.deque()
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lattice-upload") as thread:
-        try:
-            async for chunk in request.content.iter_any():
-                chunks.append(chunk)
-                held += len(chunk)
-                if held >= BLOCK or len(chunks) >= MAX_CHUNKS:
-                    if len(inflight) >= DEPTH:
-                        await inflight.popleft()
-                    inflight.append(loop.run_in_executor(thread, writer.write, chunks))
-                    chunks, held = [], 0
-            if chunks:
-                inflight.append(loop.run_in_executor(thread, writer.write, chunks))
-            while inflight:
-                await inflight.popleft()
-        except BaseException:  # let the queued writes end before the writer is aborted
-            await asyncio.gather(*inflight, return_exceptions=True)
-            raise
-
-
-def _widen_reads(transport: asyncio.BaseTransport | None) -> None:
-    """Let the socket transport read up to ``READ_SIZE`` per call during a big upload.
-
-    CPython's selector transport reads at most 256 KiB per ``recv`` (its ``max_size``); larger
-    reads cut the per-chunk work of a multi-GiB body by about a quarter. Where the attribute
-    does not exist (another event loop), nothing changes.
-    """
-    if transport is not None and isinstance(getattr(transport, "max_size", None), int):
-        transport.max_size = max(transport.max_size, READ_SIZE)  # type: ignore[attr-defined]
 
 
 def _content_length(request: web.Request) -> int:
