@@ -118,3 +118,31 @@ def test_a_planned_stop_never_sends_a_rank_that_is_ahead_back(tmp_path: Path) ->
     finally:
         for p in procs:
             p.kill()
+
+
+@pytest.mark.timeout(180)
+def test_two_agents_leaving_at_once_agree_with_the_survivor_on_one_step(tmp_path: Path) -> None:
+    """Three agents whose workers run at different paces; two get SIGTERM at the same moment. All
+    three agree on one step (past every worker), both leavers exit 0, and the survivor resumes
+    alone from that step without redoing any."""
+    server, endpoint = serve(tmp_path)
+    procs = [server]
+    try:
+        a, b = two_agents(tmp_path, endpoint, procs, ("0.03", "0.06"), "100000")
+        c = agent(tmp_path, endpoint, "--steps", "100000", "--sleep", "0.09", "--every", "100000")
+        procs.append(c)
+        started = [p.wait_for(lambda ln: "world 3" in ln and "start step" in ln, 60) for p in (a, b, c)]
+        first = int(re.search(r"start step (\d+)", started[2]).group(1))
+        c.wait_for(lambda ln: ln.endswith(f"]: step {first + 5}"), 60)  # all three train in world 3
+        mark = a.mark()
+        b.signal(signal.SIGTERM)
+        c.signal(signal.SIGTERM)
+        assert b.wait(60) == 0, b.text
+        assert c.wait(60) == 0, c.text
+        down = a.wait_for(lambda ln: "world 1" in ln and "start step" in ln, 60, after=mark)
+        down_step = int(re.search(r"start step (\d+)", down).group(1))
+        last = [max(int(m.group(1)) for m in worker_lines(p, r"\]: step (\d+)$")) for p in (b, c)]
+        assert down_step == last_step_before(a, down) == last[0] == last[1]
+    finally:
+        for p in procs:
+            p.kill()

@@ -85,3 +85,15 @@ def test_a_store_that_goes_away_during_the_agreement_still_gives_a_planned_stop(
     record = StopAgreement(store, key, "a", ("a", "b"), log).join(FakeGroup(15), leaving=False)
     final = StopAgreement(Down(), key, "a", ("a", "b"), log).settle(record, timeout=0.5)  # type: ignore[arg-type]
     assert final["complete"] and final["at"] == 15  # checkpoint at the best step known, as before
+
+
+def test_a_member_that_left_ends_the_wait_at_once(store) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    prefix = f"t/{uuid.uuid4().hex}/"
+    store.cas(prefix + "members/a", b"{}", 0)  # a is registered; "gone" never was (or has left)
+    agreement = StopAgreement(store, prefix + "stop/1", "a", ("a", "gone"), log,
+                              member_key=lambda n: prefix + "members/" + n)
+    t0 = time.monotonic()
+    final = agreement.settle(agreement.join(FakeGroup(9), leaving=False), timeout=30)
+    assert final["complete"] is False and time.monotonic() - t0 < 5

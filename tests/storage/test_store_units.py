@@ -113,7 +113,12 @@ def test_url_with_ranks_on_several_hosts_assembles_the_checkpoint_in_the_store(t
 
 
 def test_a_host_local_checkpoint_dir_with_ranks_on_several_hosts_is_warned_about(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # several agents on this machine: shared, no warning
+    with caplog.at_level("WARNING", logger="lattice"):
+        tiers.resolve(str(tmp_path / "ckpt"), Ranks(0, 4), {"LOCAL_WORLD_SIZE": "2"})
+    assert "several hosts" not in caplog.text
+    monkeypatch.setenv("MASTER_ADDR", "10.1.2.3")  # rank 0 on another host
     with caplog.at_level("WARNING", logger="lattice"):
         tiers.resolve(str(tmp_path / "ckpt"), Ranks(0, 4), {"LOCAL_WORLD_SIZE": "2"})
     kind = tiers.fs_type(tmp_path)

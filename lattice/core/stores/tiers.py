@@ -21,9 +21,11 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import ipaddress
 import json
 import logging
 import os
+import socket
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
@@ -171,8 +173,20 @@ def fs_type(path: Path) -> str:
     return kind
 
 
+def _same_machine(addr: str) -> bool:
+    """Whether the rank-0 address ``addr`` (``MASTER_ADDR``) is this machine (local agents, tests)."""
+    if addr in ("", "localhost", socket.gethostname()):
+        return True
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
+
+
 def _warn_if_host_local(local: Path, ranks: Ranks) -> None:
     """Ranks on several hosts assemble a checkpoint in one directory: say so if it cannot be shared."""
+    if _same_machine(os.environ.get("MASTER_ADDR", "")):
+        return  # several agents, one machine: the directory is shared
     kind = fs_type(local.parent if not local.exists() else local)
     if kind in HOST_LOCAL_FS:
         log.warning("checkpoint_dir %s is on a %s filesystem of this host, but the %d ranks run on several hosts: "

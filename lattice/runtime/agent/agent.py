@@ -199,7 +199,7 @@ class Agent:
     def _agree_stop(self, a: Any, group: WorkerGroup, leaving: bool) -> dict[str, Any]:
         """Agree with the round's other agents on the step every rank stops at (stopping.py)."""
         agreement = StopAgreement(self._open_store(), self._key(f"stop/{a.round}"), self.cfg.node, a.nodes,
-                                  self.log)
+                                  self.log, member_key=lambda n: self._key(f"members/{n}"))
         record = agreement.settle(agreement.join(group, leaving), min(self.cfg.grace, 10.0))
         self.log.info("planned stop of round %d at step %d%s", a.round, record["at"],
                       f"; leaving: {record['leaving']}" if record["leaving"] else "")

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..kv.api import CASConflict, KVStore, KVUnavailable
@@ -39,8 +40,10 @@ LEAD_TIME = 0.5  # seconds of steps allowed for the announcement to reach the ot
 class StopAgreement:
     """This agent's side of one round's planned-stop record."""
 
-    def __init__(self, store: KVStore, key: str, node: str, members: tuple[str, ...], log: Any):
+    def __init__(self, store: KVStore, key: str, node: str, members: tuple[str, ...], log: Any,
+                 member_key: Callable[[str], str] | None = None):
         self.store, self.key, self.node, self.members, self.log = store, key, node, members, log
+        self.member_key = member_key  # a member's registration key: gone means the member left
 
     def join(self, group: WorkerGroup, leaving: bool) -> dict[str, Any]:
         """Hold the workers at this agent's proposal and merge it into the record; returns the record."""
@@ -101,10 +104,23 @@ class StopAgreement:
                     record = json.loads(entry.value)
                     record.setdefault("acks", [])
                 store_down = False
+                gone = self._gone(set(self.members) - set(record["acks"]))
+                if gone:
+                    self.log.warning("agents %s left without acknowledging the planned stop: no checkpoint of "
+                                     "step %d can commit without their ranks; stopping the workers without one",
+                                     gone, record["at"])
+                    return {**record, "complete": False}
             except KVUnavailable:
                 store_down = True
                 time.sleep(min(0.5, max(left, 0.0)))
         return {**record, "complete": True}
+
+
+    def _gone(self, members: set[str]) -> list[str]:
+        """Those of ``members`` whose registration is gone (they left or their session expired)."""
+        if self.member_key is None:
+            return []
+        return sorted(n for n in members if self.store.get(self.member_key(n)) is None)
 
 
 def await_leavers(store: KVStore, stop_key: str, members_prefix: str, timeout: float, log: Any) -> None:
