@@ -5,16 +5,14 @@ changes. The job test runs separate processes (RANK/WORLD_SIZE from the environm
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import rank_procs
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rank_procs import last_json, rank_env
 from torch.utils.data.distributed import DistributedSampler
 
 import lattice
@@ -25,25 +23,13 @@ CHILD = str(Path(__file__).parent / "helpers" / "elastic_child.py")
 
 
 def run_phase(directory: Path, out: Path, world: int, round_: int, steps: int, mode: str) -> dict[int, dict]:
-    procs = {}
-    for r in range(world):
-        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "LATTICE_JOB": "e",
-               "LATTICE_ROUND": str(round_)}
-        procs[r] = subprocess.Popen([sys.executable, CHILD, str(directory), str(out), str(steps), mode],
-                                    env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    start_new_session=True)
+    envs = {r: rank_env(r, world, "e", round_) for r in range(world)}
     got = {}
-    try:
-        for r, p in procs.items():
-            stdout, stderr = p.communicate(timeout=90)
-            lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
-            assert p.returncode == 0 and lines, f"rank {r} failed; stderr:\n{stderr}"
-            got[r] = json.loads(lines[-1])
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+    for r, (code, stdout, stderr) in rank_procs.run_ranks([CHILD, str(directory), str(out), str(steps), mode],
+                                                          envs, timeout=90).items():
+        doc = last_json(stdout)
+        assert code == 0 and doc is not None, f"rank {r} failed; stderr:\n{stderr}"
+        got[r] = doc
     return got
 
 

@@ -6,14 +6,12 @@ change (new rank r takes old rank r's per-rank state; ranks beyond the old world
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import rank_procs
+from rank_procs import last_json, rank_env
 from safetensors import safe_open
 
 import lattice
@@ -24,24 +22,13 @@ CHILD = str(Path(__file__).parent / "helpers" / "rank_child.py")
 
 def run_ranks(mode: str, directory: Path, world: int, round_: int, ranks: list[int] | None = None,
               timeout: float = 60.0, extra_env: dict[str, str] | None = None) -> dict[int, tuple[int, dict]]:
-    procs = {}
-    for r in ranks if ranks is not None else range(world):
-        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "LATTICE_JOB": "t",
-               "LATTICE_ROUND": str(round_), **(extra_env or {})}
-        procs[r] = subprocess.Popen([sys.executable, CHILD, mode, str(directory)], env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    envs = {r: {**rank_env(r, world, "t", round_), **(extra_env or {})}
+            for r in (ranks if ranks is not None else range(world))}
     out = {}
-    try:
-        for r, p in procs.items():
-            stdout, stderr = p.communicate(timeout=timeout)
-            lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
-            assert lines, f"rank {r} printed nothing; stderr:\n{stderr}"
-            out[r] = (p.returncode, json.loads(lines[-1]))
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+    for r, (code, stdout, stderr) in rank_procs.run_ranks([CHILD, mode, str(directory)], envs, timeout).items():
+        doc = last_json(stdout)
+        assert doc is not None, f"rank {r} printed nothing; stderr:\n{stderr}"
+        out[r] = (code, doc)
     return out
 
 

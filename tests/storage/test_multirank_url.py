@@ -8,16 +8,14 @@ its part into the store and rank 0 commits there (stores/assemble.py)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import crc32c
 import pytest
+import rank_procs
+from rank_procs import rank_env
 from storage_support import make_bucket, s3_env
 
 from lattice.core import fmt
@@ -31,26 +29,16 @@ def run_ranks(mode: str, url: str, env: dict[str, str], world: int = 2, hosts: P
     """Run ranks ``ranks`` (default all) of a ``world``-rank job; with ``hosts``, each rank is on a
     host of its own (``LOCAL_WORLD_SIZE=1``, staging in ``hosts/host-<r>``)."""
     def env_of(r: int) -> dict[str, str]:
-        e = {**os.environ, **env, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-             "LATTICE_JOB": "t", "LATTICE_ROUND": "0"}
+        e = {**env, **rank_env(r, world, "t"), "LOCAL_WORLD_SIZE": str(world)}
         if hosts is not None:
             e.update(LOCAL_WORLD_SIZE="1", LOCAL_RANK="0", LATTICE_STAGING_DIR=str(hosts / f"host-{r}"))
         return e
 
-    procs = {r: subprocess.Popen([sys.executable, CHILD, mode, url], text=True, start_new_session=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env_of(r))
-             for r in (range(world) if ranks is None else ranks)}
+    envs = {r: env_of(r) for r in (range(world) if ranks is None else ranks)}
     out = {}
-    try:
-        for r, p in procs.items():
-            stdout, stderr = p.communicate(timeout=60)
-            assert (p.returncode != 0) == (r in failing), stderr
-            out[r] = json.loads(stdout.strip().splitlines()[-1])
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.communicate()
+    for r, (code, stdout, stderr) in rank_procs.run_ranks([CHILD, mode, url], envs).items():
+        assert (code != 0) == (r in failing), stderr
+        out[r] = json.loads(stdout.strip().splitlines()[-1])
     return out
 
 
