@@ -38,13 +38,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SCRIPT = r'''
-import json, sys, time
+# the workload both overhead benchmarks run (bench/overhead_instructions.py too)
+SETUP = r'''
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-steps, warmup = int(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(1)
 torch.manual_seed(0)
 n = 64 * 100
@@ -53,6 +51,12 @@ loader = DataLoader(data, batch_size=64, shuffle=True, num_workers=0)
 model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
 opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 loss_fn = nn.CrossEntropyLoss()
+'''
+
+SCRIPT = r'''
+import json, sys, time
+steps, warmup = int(sys.argv[1]), int(sys.argv[2])
+''' + SETUP + r'''
 stamps = []
 total = steps + warmup + 1
 while len(stamps) < total:

@@ -22,20 +22,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import SETUP  # noqa: E402  (the same workload as the timed benchmark)
+
 SCRIPT = r'''
 import sys
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 steps = int(sys.argv[1])
-torch.set_num_threads(1)
-torch.manual_seed(0)
-n = 64 * 100
-data = TensorDataset(torch.randn(n, 64), torch.randint(0, 10, (n,)))
-loader = DataLoader(data, batch_size=64, shuffle=True, num_workers=0)
-model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
-opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-loss_fn = nn.CrossEntropyLoss()
+''' + SETUP + r'''
 k = 0
 while k < steps:
     for x, y in loader:
