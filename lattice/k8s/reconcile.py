@@ -38,7 +38,6 @@ import dataclasses
 from .model import (
     FAILED,
     PENDING,
-    PHASES,
     RESTARTING,
     RUNNING,
     SCALING,
@@ -57,8 +56,7 @@ from .model import (
 )
 from .spec import JobSpec
 
-__all__ = ["PHASES", "Condition", "CreateWorker", "DeleteWorker", "EmitEvent", "Memory", "Observed",
-           "Plan", "Status", "Worker", "reconcile", "worker_name", "REUSE_WAIT", "RECHECK"]
+__all__ = ["reconcile", "worker_name", "REUSE_WAIT", "RECHECK"]  # the model's types: lattice.k8s / .model
 
 REUSE_WAIT = 30.0  # seconds past a deletion time during which the name waits for its replacement
 RECHECK = 5.0  # reconcile again this soon while something is in flight

@@ -32,7 +32,7 @@ import crc32c as _crc
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..ranks import rank_part
 from .base import Store
-from .transfer import commit_manifest, is_transient, retry
+from .transfer import commit_manifest, drop_other_timeline, is_transient, retry
 
 log = logging.getLogger("lattice")
 Files = dict[str, dict[str, int]]
@@ -49,9 +49,8 @@ def assemble(store: Store, tmp: Path, snap: Any, files: Files, manifest_for: Cal
     ranks, step = snap.ranks, snap.step
     tag = f"job_{ranks.job}_r{ranks.round}_c{snap.seq}"
     deadline = time.monotonic() + timeout
-    if ranks.rank == 0 and step in retry(f"listing {store.url}", store.list_committed):
-        log.warning("%s is already committed (another timeline); replacing it", store.describe(step))
-        retry(f"deleting {store.describe(step)}", lambda: store.delete(step))
+    if ranks.rank == 0:
+        drop_other_timeline(store, step)
     for name, info in files.items():
         _put(store, step, name, tmp / name, info, deadline)
     part = json.dumps({"rank": ranks.rank, "tag": tag, "files": files}).encode()

@@ -143,23 +143,24 @@ class Store(abc.ABC):
             log.info("deleted old checkpoint step(s) %s from %s", dropped, self.url)
         return dropped
 
-    def manifest(self, step: int) -> dict:
-        """The parsed manifest of committed ``step``; ``CorruptCheckpointError`` if it does not parse."""
-        raw = self.read_manifest(step)
-        try:
-            doc = fmt.parse_manifest(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CorruptCheckpointError(self.describe(step), fmt.MANIFEST, f"is not a valid manifest: {exc}") from None
-        if doc["step"] != step:
-            raise CorruptCheckpointError(self.describe(step), fmt.MANIFEST, f"names step {doc['step']}, not {step}")
-        return doc
-
     def describe(self, step: int) -> str:
         """Where ``step`` lives, for messages: ``<url>/step-XXXXXXXXXX``."""
         return f"{self.url.rstrip('/')}/{fmt.step_dirname(step)}"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+
+def stored_manifest(raw: bytes, step: int, where: str) -> dict:
+    """The parsed manifest read for committed ``step`` at ``where``; ``CorruptCheckpointError`` if it
+    does not parse or names another step."""
+    try:
+        doc = fmt.parse_manifest(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(where, fmt.MANIFEST, f"is not a valid manifest: {exc}") from None
+    if doc["step"] != step:
+        raise CorruptCheckpointError(where, fmt.MANIFEST, f"names step {doc['step']}, not {step}")
+    return doc
 
 
 def manifest_for_commit(manifest: bytes, step: int, where: str) -> dict:

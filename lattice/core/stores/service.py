@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
-from .. import fmt
 from ..errors import CheckpointError, ConfigError, CorruptCheckpointError
 from .base import Store, check_name
 from .transfer import TransientStoreError
@@ -187,8 +186,6 @@ class ServiceStore(Store):
         """Nothing to do from the client: the service removes abandoned uploads itself when it starts."""
         return []
 
-    def describe(self, step: int) -> str:
-        return f"{self.url.rstrip('/')}/{fmt.step_dirname(step)}"
 
 
 class _Body:

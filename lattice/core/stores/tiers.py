@@ -122,15 +122,15 @@ def resolve(checkpoint_dir: str, ranks: Ranks, environ: Mapping[str, str] | None
     url = str(checkpoint_dir)
     memory = env.get("LATTICE_MEMORY_DIR", "").strip()
     multi_node = _multi_node(ranks, env)
-    disabled = memory_disabled(Path(memory)) if memory else False
-    if disabled:
-        log.warning("the agent turned the memory tier off (%s exists): checkpoints go to %s",
-                    Path(memory) / DISABLED, url)
     if memory and multi_node:
         log.warning("LATTICE_MEMORY_DIR is ignored: with ranks on several hosts each agent's memory directory "
                     "holds only its own ranks' parts, so rank 0 could never commit; using %s directly", url)
         memory = ""
-    old_memory = Path(memory) if disabled else None
+    disabled = bool(memory) and memory_disabled(Path(memory))
+    if disabled:
+        log.warning("the agent turned the memory tier off (%s exists): checkpoints go to %s",
+                    Path(memory) / DISABLED, url)
+    old_memory = Path(memory) if disabled else None  # still read at restore, never written
     memory = "" if disabled else memory
     if not is_remote(url):
         local = path_of(url)
@@ -293,7 +293,6 @@ class Uploader:
 
     def __init__(self, store: Store, keep: Callable[[], int]):
         self.store, self.keep = store, keep
-        self.last_uploaded: int | None = None
         self._thread: threading.Thread | None = None
 
     def chain(self, persisted: concurrent.futures.Future[Path], step: int) -> concurrent.futures.Future[Path]:
@@ -311,7 +310,7 @@ class Uploader:
                 out.set_result(path)
                 return
             try:
-                self.upload(path, step)
+                upload(path, self.store, step, keep=self.keep())  # then retention on the store
             except BaseException as exc:  # the local commit stands; the store keeps its older ones
                 log.error("upload of step %d to %s failed: %s: %s", step, self.store.url, type(exc).__name__, exc)
                 out.set_exception(exc)
@@ -321,11 +320,6 @@ class Uploader:
         self._thread = threading.Thread(target=run, name=f"lattice-upload-{step}", daemon=True)
         self._thread.start()
         return out
-
-    def upload(self, path: Path, step: int) -> None:
-        """Upload one committed local checkpoint now, then apply retention on the store."""
-        upload(path, self.store, step, keep=self.keep())
-        self.last_uploaded = step
 
     def resume(self, path: Path, step: int) -> concurrent.futures.Future[Path] | None:
         """After restoring from staging: upload ``step`` if the store does not have it (a crash cut it off)."""

@@ -20,7 +20,7 @@ from .. import fmt
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..progress import Progress
 from ..storage import LocalDirectory, write_durable
-from .base import Store, copy_with_crc
+from .base import Store, copy_with_crc, stored_manifest
 
 log = logging.getLogger("lattice")
 CHUNK = 8 << 20
@@ -75,9 +75,7 @@ def upload(local_dir: Path, store: Store, step: int, keep: int | None = None) ->
         raise CorruptCheckpointError(str(local_dir), fmt.MANIFEST, f"is not a valid manifest: {exc}") from None
     if doc["step"] != step:
         raise CheckpointError(f"{local_dir} holds step {doc['step']}, not {step}")
-    if step in retry(f"listing {store.url}", store.list_committed):
-        log.warning("%s is already committed (another timeline); replacing it", store.describe(step))
-        retry(f"deleting {store.describe(step)}", lambda: store.delete(step))
+    drop_other_timeline(store, step)
     total = sum(i["size"] for i in doc["files"].values())
     t0 = time.perf_counter()
     with Progress(f"upload {fmt.step_dirname(step)}", total) as bar:
@@ -87,6 +85,14 @@ def upload(local_dir: Path, store: Store, step: int, keep: int | None = None) ->
             bar.update(info["size"])
     commit_manifest(store, step, raw, keep)
     log.info("uploaded step %d to %s (%.1f MB in %.2fs)", step, store.url, total / 1e6, time.perf_counter() - t0)
+
+
+def drop_other_timeline(store: Store, step: int) -> None:
+    """Delete ``step`` from the store if it is committed there already (an abandoned timeline's):
+    the checkpoint about to be put replaces it."""
+    if step in retry(f"listing {store.url}", store.list_committed):
+        log.warning("%s is already committed (another timeline); replacing it", store.describe(step))
+        retry(f"deleting {store.describe(step)}", lambda: store.delete(step))
 
 
 def commit_manifest(store: Store, step: int, raw: bytes, keep: int | None) -> None:
@@ -118,12 +124,7 @@ def download(store: Store, step: int, local_root: Path) -> Path:
     Raises ``FileNotFoundError`` if ``step`` is not committed in the store.
     """
     raw = retry(f"reading {store.describe(step)}", lambda: store.read_manifest(step))
-    try:
-        doc = fmt.parse_manifest(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(store.describe(step), fmt.MANIFEST, f"is not a valid manifest: {exc}") from None
-    if doc["step"] != step:
-        raise CorruptCheckpointError(store.describe(step), fmt.MANIFEST, f"names step {doc['step']}, not {step}")
+    doc = stored_manifest(raw, step, store.describe(step))
     local = LocalDirectory(local_root)
     local.prepare()
     final = Path(local_root) / fmt.step_dirname(step)
