@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -105,3 +106,15 @@ def from_env(environ: Mapping[str, str] | None = None, base: Config | None = Non
         return (base or Config()).replace(**changes)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (from the LATTICE_* environment variables)") from None
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"1048576"``, ``"512M"``, ``"2GiB"``, ``"1.5G"`` -> bytes (binary units, case ignored);
+    ``ValueError`` for anything else or a size that is not positive (callers name their flag)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a size in bytes (e.g. 1048576, 512M, 10G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])

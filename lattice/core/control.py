@@ -70,13 +70,16 @@ class ControlFile:
         on the step every rank stops at), this blocks; after ``hold_limit`` seconds without an
         answer (the agent is gone) the hold counts as a stop here.
         """
-        deadline = None
-        while self._get(_STOP) == HOLD and step >= self._get(_AT):
-            deadline = deadline or time.monotonic() + hold_limit
+        state = self._get(_STOP)
+        if state == NONE:  # every step of a run without a stop: one memory load
+            return False
+        deadline = time.monotonic() + hold_limit
+        while state == HOLD and step >= self._get(_AT):
             if time.monotonic() > deadline:
                 return True
             time.sleep(0.002)
-        return self._get(_STOP) == STOP and step >= self._get(_AT)
+            state = self._get(_STOP)
+        return state == STOP and step >= self._get(_AT)
 
     def report_checkpoint(self, committed: int, stall_s: float, persist_s: float) -> None:
         self._set(_STALL, int(stall_s * 1e6))

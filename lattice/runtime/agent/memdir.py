@@ -11,32 +11,29 @@ import fcntl
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+from ...core import config
 from ...core.errors import ConfigError
+from ...core.stores.tiers import DISABLED  # the worker side reads the same name (contracts.md B)
 
 log = logging.getLogger("lattice.agent")
 
 MODES = ("auto", "on", "off")
-DISABLED = "DISABLED"  # its presence tells workers to write straight to storage (contracts.md B)
 LOCK = ".agent.lock"  # flock held by the owning agent for its whole life; also says whose dir it is
 STAGE = ".upload-"  # hard links to a checkpoint being uploaded (survive the worker's retention)
 SLOTS = 2  # checkpoints the tier must hold at once: the newest one kept + the next being written
 POLL = 0.2  # seconds between looks at the memory dir
 FULL = 1 << 20  # less room than this while a checkpoint is being written: it did not fit
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
 def parse_size(text: str | None) -> int | None:
     """``"512M"``, ``"2G"``, ``"2GiB"``, ``"1048576"`` -> bytes (binary units); ``None``/``""`` -> None."""
     if text is None or str(text).strip() == "":
         return None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(text), re.IGNORECASE)
-    if not m or float(m.group(1)) <= 0:
-        raise ConfigError(f"--memory-limit {text!r}: expected a size such as 512M, 2G or 1073741824")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    try:
+        return config.parse_size(text)
+    except ValueError:
+        raise ConfigError(f"--memory-limit {text!r}: expected a size such as 512M, 2G or 1073741824") from None
 
 
 def human(n: float) -> str:

@@ -40,11 +40,8 @@ from ...core.errors import ConfigError
 from ...core.storage import LocalDirectory, write_durable
 from ...core.stores import tiers
 from .memdir import (  # noqa: F401  (re-exported: cli.py and the tests use memtier.<name>)
-    _UNITS,
     DISABLED,
     FULL,
-    LOCK,
-    MODES,
     POLL,
     SLOTS,
     STAGE,
@@ -239,8 +236,7 @@ class MemoryTier:
     # -- room ------------------------------------------------------------------------------------
     def _room(self, used: int) -> int:
         """What the tier may occupy in all: what it uses plus what the root has free, capped by the limit."""
-        st = os.statvfs(self.root)
-        room = used + st.f_bavail * st.f_frsize
+        room = used + tiers.memory_room(self.root)
         return room if self.limit is None else min(room, self.limit)
 
     def _check_room(self, step: int, path: Path | None) -> None:

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import shutil
 import signal
 import stat
@@ -20,19 +19,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lattice.core import config
 from lattice.core.errors import ConfigError
 
 log = logging.getLogger("lattice")
 READ_BUFSIZE = 1 << 20  # socket reads buffered per connection before back-pressure
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
 def parse_size(text: str) -> int:
-    """``"1048576"``, ``"512M"``, ``"10G"`` or ``"1T"`` (binary units) -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m or int(m.group(1)) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 1048576, 512M, 10G)")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+    """``"1048576"``, ``"512M"``, ``"10G"`` or ``"1T"`` (binary units) -> bytes, for argparse."""
+    try:
+        return config.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def read_token(path: Path) -> str:
