@@ -62,6 +62,13 @@ class JaxCodec:
             if shard.replica_id == 0:  # each distinct piece once
                 out[shard.index] = np.asarray(shard.data)
 
+    def prefetch(self, x: Any) -> None:
+        """Start the device-to-host copy of an accelerator array (called for every array of a
+        snapshot before any is copied; nothing to do on the CPU)."""
+        if isinstance(x, jax.Array) and not is_key(x) and not x.is_deleted():
+            if any(d.platform != "cpu" for d in x.sharding.device_set):
+                x.copy_to_host_async()
+
     def freeze(self, x: Any) -> np.ndarray | None:
         """A zero-copy view of a single-buffer CPU array: JAX never changes an array, and while the
         view exists it does not hand the buffer to a donating function (it copies instead)."""
@@ -79,14 +86,6 @@ class JaxCodec:
 
     def empty(self, dtype: str, shape: tuple[int, ...]) -> Any:
         return np.empty(shape, dtype=numpy_dtype(dtype))
-
-
-def _prefetch(tree: Any) -> None:
-    """Start the device-to-host copies of every accelerator array at once (no-op on the CPU)."""
-    for leaf in jax.tree_util.tree_leaves(tree):
-        if isinstance(leaf, jax.Array) and not is_key(leaf) and not leaf.is_deleted():
-            if any(d.platform != "cpu" for d in leaf.sharding.device_set):
-                leaf.copy_to_host_async()
 
 
 def _leaf_ok(x: Any) -> bool:
@@ -130,7 +129,6 @@ class PytreeAdapter(Adapter):
                 "structure, so assign values of the same structure")
 
     def save(self, obj: Any) -> Any:
-        _prefetch(obj)
         return to_nested(obj)
 
     def load(self, obj: Any, tree: Any) -> Any:
@@ -160,9 +158,7 @@ class NnxAdapter(Adapter):
         return _is_nnx(obj)
 
     def save(self, obj: Any) -> Any:
-        state = _nnx().state(obj)
-        _prefetch(state)
-        return to_nested(state)
+        return to_nested(_nnx().state(obj))
 
     def load(self, obj: Any, tree: Any) -> Any:
         nnx = _nnx()
