@@ -130,3 +130,13 @@ def test_a_host_local_checkpoint_dir_with_ranks_on_several_hosts_is_warned_about
     with caplog.at_level("WARNING", logger="lattice"):
         tiers.resolve(str(tmp_path / "ckpt"), Ranks(0, 4), {"LOCAL_WORLD_SIZE": "4"})  # one host: fine
     assert "several hosts" not in caplog.text
+
+
+def test_a_disabled_memory_dir_ignored_on_several_hosts_is_not_read(tmp_path: Path) -> None:
+    (tmp_path / "mem").mkdir()
+    (tmp_path / "mem" / tiers.DISABLED).write_text("{}")
+    env = {"LOCAL_WORLD_SIZE": "2", "LATTICE_MEMORY_DIR": str(tmp_path / "mem"), "LATTICE_STAGING_DIR": str(tmp_path)}
+    loc = tiers.resolve("memory://b/j", Ranks(0, 4), env)
+    assert loc.memory is None  # was Path("") (the working directory) before
+    single = tiers.resolve("memory://b/j", Ranks(0, 4), {**env, "LOCAL_WORLD_SIZE": "4"})
+    assert single.memory == tmp_path / "mem"  # one host: the disabled dir is still read at restore
