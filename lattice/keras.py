@@ -18,22 +18,25 @@ Importing this module imports keras; ``import lattice`` does not.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 import keras
 
 import lattice
+from lattice.core.config import Config
 
 log = logging.getLogger("lattice")
-_POLICY = ("every_steps", "every_seconds", "checkpoint_dir", "keep", "on_busy")
+_POLICY = tuple(f.name for f in dataclasses.fields(Config))  # every lattice.configure option
 
 
 class Checkpoint(keras.callbacks.Callback):
     """Checkpoint and resume ``model.fit`` through Lattice.
 
     Args:
-        every_steps, every_seconds, checkpoint_dir, keep, on_busy: Lattice options, passed to
+        every_steps, every_seconds, checkpoint_dir, keep, on_busy, capture_rng, restore,
+            part_timeout: Lattice options (``lattice.core.config.Config``), passed to
             ``lattice.configure`` when given (otherwise the ``LATTICE_*`` environment applies).
         replay_epochs: on resume, read through the data of the finished epochs (no training)
             instead of starting at the interrupted epoch; exact for reshuffling pipelines.

@@ -134,3 +134,11 @@ def test_a_finished_fit_restarted_trains_no_more(tmp_path: Path) -> None:
     lattice.close()
     cb, model = fit(tmp_path, reshuffle=False)
     assert cb.epochs_run == [] and cb.state.step == 32 and weights(model) == expected
+
+
+def test_every_lattice_option_is_an_option_not_an_object_to_register() -> None:
+    from lattice.keras import Checkpoint
+
+    cb = Checkpoint(every_steps=5, restore=False, capture_rng=False, part_timeout=30.0, rng=object())
+    assert cb._options == {"every_steps": 5, "restore": False, "capture_rng": False, "part_timeout": 30.0}
+    assert list(cb._objects) == ["rng"]
