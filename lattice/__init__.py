@@ -35,6 +35,7 @@ from .core.errors import (
 )
 from .core.session import Session
 from .core.state import State
+from .interop.arrays import load_arrays  # numpy and lattice.core only
 
 __version__ = "0.1.0"
 __all__ = [
@@ -152,12 +153,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'lattice' has no attribute {name!r}")
 
 
-def load_arrays(directory: str | Path, step: int | None = None, *, rank: int | None = None) -> dict[str, Any]:
-    """Every array of a checkpoint as numpy, keyed ``<item>/<path>``, without importing the framework
-    that wrote it (newest committed step by default; ``rank``: add that rank's per-rank arrays)."""
-    from .interop.arrays import load_arrays as _load
-
-    return _load(directory, step, rank=rank)
 
 
 def register_adapter(adapter: Any, *, replace: bool = False) -> Any:

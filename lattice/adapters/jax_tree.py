@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from ..core.errors import StateMismatchError
+from ..core.tree import path_str
 
 tu = jax.tree_util
 PRNG = "__prng_key__"
@@ -128,7 +129,7 @@ def to_nested(x: Any) -> Any:
 
 
 def _where(item: str, path: tuple[Any, ...]) -> str:
-    key = "/".join(str(p) for p in path) or "<root>"
+    key = path_str(path)
     return f"item {item!r}, key {key!r}" if item else f"pytree key {key!r}"
 
 
@@ -147,7 +148,8 @@ def _child(saved: Any, key: Any, item: str, path: tuple[Any, ...]) -> Any:
 
 def _check_no_extra(saved: Any, keys: list[Any], item: str, path: tuple[Any, ...]) -> None:
     if isinstance(saved, dict):
-        extra = sorted(str(k) for k in saved if k not in keys and str(k) not in {str(k2) for k2 in keys})
+        known = set(keys) | {str(k) for k in keys}
+        extra = sorted(str(k) for k in saved if k not in known and str(k) not in known)
     elif isinstance(saved, list | tuple):
         extra = [str(i) for i in range(len(keys), len(saved))]
     else:
