@@ -23,6 +23,10 @@ class CheckpointError(LatticeError):
     """A checkpoint could not be written or no usable checkpoint could be read."""
 
 
+class AlreadyCommittedError(CheckpointError):
+    """A store refused a file for a step it already holds committed (delete the step first)."""
+
+
 class CorruptCheckpointError(CheckpointError):
     """One committed checkpoint is damaged; restore falls back to an older one.
 

@@ -12,7 +12,7 @@ import pytest
 from storage_support import Backend, make_checkpoint
 
 from lattice.core import fmt
-from lattice.core.errors import CheckpointError, CorruptCheckpointError
+from lattice.core.errors import AlreadyCommittedError, CheckpointError, CorruptCheckpointError
 from lattice.core.restore import check_sizes, read_manifest, verify_file
 from lattice.core.stores import open_store, transfer
 from lattice.core.stores.base import Store
@@ -168,7 +168,7 @@ def test_retention_keeps_the_newest_and_never_newer_timelines(backend: Backend, 
 
 def test_reupload_of_a_committed_step_replaces_it(backend: Backend, tmp_path: Path) -> None:
     transfer.upload(make_checkpoint(tmp_path / "a", 3, payload=b"old" * 100), backend.store, 3)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(AlreadyCommittedError):  # a CheckpointError that says why, on every backend
         backend.store.put_file(3, fmt.DATA, tmp_path / "a" / fmt.step_dirname(3) / fmt.DATA, 300, 0)
     new = make_checkpoint(tmp_path / "b", 3, payload=b"new" * 100)
     transfer.upload(new, backend.store, 3)

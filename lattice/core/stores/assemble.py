@@ -29,7 +29,7 @@ from typing import Any
 
 import crc32c as _crc
 
-from ..errors import CheckpointError, CorruptCheckpointError
+from ..errors import AlreadyCommittedError, CheckpointError
 from ..ranks import rank_part
 from .base import Store
 from .transfer import commit_manifest, drop_other_timeline, is_transient, retry
@@ -74,10 +74,8 @@ def _put(store: Store, step: int, name: str, path: Path, info: dict[str, int], d
         try:
             retry(f"uploading {path}", lambda: store.put_file(step, name, path, info["size"], info["crc32c"]))
             return
-        except CorruptCheckpointError:
-            raise
-        except CheckpointError as exc:
-            if "already committed" not in str(exc) or time.monotonic() > deadline:
+        except AlreadyCommittedError:
+            if time.monotonic() > deadline:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 1.0)

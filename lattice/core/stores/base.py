@@ -61,7 +61,7 @@ class Store(abc.ABC):
         checked against ``crc32c``/``size``; on a mismatch nothing of the file is kept and
         ``CorruptCheckpointError`` is raised. Putting a file again replaces it. Atomicity: the
         file is invisible to readers until the step commits. ``FileNotFoundError`` if ``path``
-        does not exist. Raises ``CheckpointError`` if ``step`` is already committed (delete it
+        does not exist. Raises ``AlreadyCommittedError`` if ``step`` is already committed (delete it
         first).
         """
 

@@ -13,7 +13,7 @@ from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 from .. import fmt
-from ..errors import CheckpointError, ConfigError, CorruptCheckpointError
+from ..errors import AlreadyCommittedError, CheckpointError, ConfigError, CorruptCheckpointError
 from ..storage import LocalDirectory, write_durable
 from .base import Store, check_name, copy_with_crc, manifest_for_commit
 
@@ -55,7 +55,7 @@ class FileStore(Store):
         """Copy ``path`` into the step's private upload directory, fsynced, checking size and crc32c."""
         check_name(name)
         if (self._committed_path(step) / fmt.MANIFEST).is_file():
-            raise CheckpointError(f"{self.describe(step)} is already committed; delete it before uploading it again")
+            raise AlreadyCommittedError(f"{self.describe(step)} is already committed; delete it before uploading it again")
         tmp = self._pending.get(step)
         if tmp is None or not tmp.is_dir():
             self.dir.prepare()

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 import crc32c as _crc
 
 from .. import fmt
-from ..errors import CheckpointError, ConfigError, CorruptCheckpointError
+from ..errors import AlreadyCommittedError, CheckpointError, ConfigError, CorruptCheckpointError
 from .base import Store, check_name, manifest_for_commit, parses
 
 log = logging.getLogger("lattice")
@@ -110,7 +110,7 @@ class FsspecStore(Store):
         """Stream ``path`` into object ``step-N/name``, checking size and crc32c (the object is removed on a mismatch)."""
         check_name(name)
         if self._has_manifest(step):
-            raise CheckpointError(f"{self.describe(step)} is already committed; delete it before uploading it again")
+            raise AlreadyCommittedError(f"{self.describe(step)} is already committed; delete it before uploading it again")
         target = self._p(step, name)
         crc, n = 0, 0
         with open(path, "rb") as src, self.fs.open(target, "wb") as out:

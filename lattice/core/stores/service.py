@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
-from ..errors import CheckpointError, ConfigError, CorruptCheckpointError
+from ..errors import AlreadyCommittedError, CheckpointError, ConfigError, CorruptCheckpointError
 from .base import Store, check_name
 from .transfer import TransientStoreError
 
@@ -122,7 +122,8 @@ class ServiceStore(Store):
                                   "service with a larger --max-file-size")
         if status == 409:
             extra = {k: doc.get(k) for k in ("missing", "mismatch") if isinstance(doc, dict) and doc.get(k)}
-            raise CheckpointError(f"{where}: conflict (409): {msg} {extra or ''}".rstrip())
+            kind = AlreadyCommittedError if isinstance(doc, dict) and doc.get("committed") else CheckpointError
+            raise kind(f"{where}: conflict (409): {msg} {extra or ''}".rstrip())
         if status == 400 and "crc" in msg.lower():
             raise CorruptCheckpointError(where, None, f"the service saw another crc32c (400): {msg}")
         if status >= 500 or status == 429:

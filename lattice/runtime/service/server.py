@@ -290,7 +290,8 @@ class Service:
     def _refuse_if_committed(self, job: str, step: int, jd: JobDir) -> None:
         pending = self.pending.get((job, step))
         if jd.committed_dir(step) is not None or (pending is not None and pending.committing):
-            _fail(409, f"step {step} of job {job!r} is already committed; delete it first or use a new step")
+            _fail(409, f"step {step} of job {job!r} is already committed; delete it first or use a new step",
+                  committed=True)
 
     def _pending(self, job: str, step: int, jd: JobDir) -> Pending:
         pending = self.pending.get((job, step))
