@@ -28,10 +28,11 @@ def listing(root: str | os.PathLike[str]) -> Listing:
     store = LocalDirectory(path)
     latest_file = path / fmt.LATEST
     latest = latest_file.read_text().strip() if latest_file.is_file() else None
-    names = {p.name for _, p in store.committed()}
+    committed = store.committed()
+    names = {p.name for _, p in committed}
     other = sorted(n for n in os.listdir(path) if n not in names and n != fmt.LATEST
                    and (n.startswith(fmt.STEP_PREFIX) or TMP_TAG in n or CORRUPT_TAG in n))
-    return Listing(store.committed(), latest, other)
+    return Listing(committed, latest, other)
 
 
 def find(root: str | os.PathLike[str], step: int | None) -> Path:

@@ -10,7 +10,6 @@ that condition's transition time.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import re
@@ -27,6 +26,7 @@ from .model import (
     Memory,
     Observed,
     Worker,
+    iso,
     parse_time,
 )
 from .spec import INDEX_LABEL, JOB_LABEL
@@ -108,9 +108,8 @@ def annotations_from_metrics(text: str, url: str | None = None) -> dict[str, str
     if values.get("round") is not None:
         out[ROUND_ANNOTATION] = str(int(values["round"]))
     if values.get("last_committed_time"):
-        when = datetime.datetime.fromtimestamp(values["last_committed_time"], datetime.UTC)
         ckpt: dict[str, Any] = {"step": int(values.get("last_committed_step", 0)),
-                                "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")}
+                                "time": iso(values["last_committed_time"])}
         if url:
             ckpt["url"] = url
         out[LAST_CHECKPOINT_ANNOTATION] = json.dumps(ckpt)

@@ -131,7 +131,7 @@ def _ended(p: _Planner, phase: str) -> Plan:
         p.delete(w, graceful=w.phase == RUNNING, reason=f"Job{phase}")
     prev = {c.type: c for c in p.obs.conditions}
     conditions = tuple(prev.values()) or (_cond(p, phase, "True", f"Job{phase}", ""),)
-    return _plan(p, phase, conditions, p.spec.desired)
+    return _plan(p, phase, conditions)
 
 
 def _completing(p: _Planner) -> Plan:
@@ -142,12 +142,12 @@ def _completing(p: _Planner) -> Plan:
     if any(w.phase == RUNNING for w in p.live()):
         p.after(RECHECK)
         ready = _cond(p, "Ready", "False", "Completing", "a worker finished; waiting for the others")
-        return _plan(p, RUNNING, (ready, _capacity_condition(p)), p.spec.desired)
+        return _plan(p, RUNNING, (ready, _capacity_condition(p)))
     done = [w.name for w in p.obs.workers if w.phase == SUCCEEDED and not w.deleting]
     p.event("Normal", "JobSucceeded", f"training finished: {', '.join(done)} exited 0")
     conditions = (_cond(p, "Ready", "False", "JobSucceeded", "the job has ended"),
                   _cond(p, SUCCEEDED, "True", "WorkersSucceeded", f"{', '.join(done)} exited 0"))
-    return _plan(p, SUCCEEDED, conditions, p.spec.desired)
+    return _plan(p, SUCCEEDED, conditions)
 
 
 def _replace_failed(p: _Planner) -> bool:
@@ -176,7 +176,7 @@ def _fail(p: _Planner) -> Plan:
         p.delete(w, graceful=w.phase == RUNNING, reason="JobFailed")
     conditions = (_cond(p, "Ready", "False", "JobFailed", "the job has ended"),
                   _cond(p, FAILED, "True", "RestartBudgetExhausted", msg))
-    return _plan(p, FAILED, conditions, p.spec.desired)
+    return _plan(p, FAILED, conditions)
 
 
 def _capacity(p: _Planner) -> int:
@@ -279,7 +279,7 @@ def _finish(p: _Planner, target: int, phase: str) -> Plan:
         reason = _READY_REASON.get(phase, "WorkersNotReady")
         cond = _cond(p, "Ready", "False", reason, f"{ready} of {target} workers ready")
         p.after(RECHECK)
-    return _plan(p, phase, (cond, _capacity_condition(p)), p.spec.desired)
+    return _plan(p, phase, (cond, _capacity_condition(p)))
 
 
 def _capacity_condition(p: _Planner) -> Condition:
@@ -306,11 +306,11 @@ def _newest_checkpoint(p: _Planner) -> dict | None:
     return max(found, key=lambda c: (int(c.get("step") or 0), str(c.get("time") or "")), default=None)
 
 
-def _plan(p: _Planner, phase: str, conditions: tuple[Condition, ...], replicas: int) -> Plan:
+def _plan(p: _Planner, phase: str, conditions: tuple[Condition, ...]) -> Plan:
     live = p.live()
     rounds = [r for r in [p.obs.round, *(w.round for w in p.obs.workers)] if r is not None]
     status = Status(
-        phase=phase, replicas=replicas,
+        phase=phase, replicas=p.spec.desired,
         ready_replicas=sum(1 for w in live if w.ready and w.phase == RUNNING),
         restarts=p.restarts, conditions=conditions, observed_generation=p.spec.generation,
         selector=p.spec.selector, last_checkpoint=_newest_checkpoint(p),

@@ -28,7 +28,6 @@ from ..core.errors import ConfigError
 GROUP, VERSION, PLURAL, KIND = "exabits.ai", "v1", "trainingjobs", "TrainingJob"
 API_VERSION = f"{GROUP}/{VERSION}"
 BACKENDS = ("embedded", "consul", "etcd")
-ANNOTATION_PREFIX = "exabits.ai/"
 _TIMINGS = {  # annotation -> (JobSpec field, default seconds)
     "exabits.ai/unschedulable-timeout": ("unschedulable_timeout", 120.0),
     "exabits.ai/retry-backoff": ("retry_backoff", 60.0),

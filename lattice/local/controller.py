@@ -117,7 +117,7 @@ class Controller:
         for rec in self.pods.values():
             if rec.exit_code is None and rec.deleted_at is None:
                 procs.terminate(rec.pid, rec.started)
-                rec.deleted_at, rec.graceful = now, True
+                rec.deleted_at = now
         bound = min(max((r.grace for r in self.pods.values()), default=0.0), STOP_BOUND)
         deadline = time.monotonic() + bound
         while time.monotonic() < deadline and any(p.poll() is None for p in self.procs.values()):
@@ -255,7 +255,7 @@ class Controller:
             return
         if action.graceful and self.procs[action.name].poll() is None:
             procs.terminate(rec.pid, rec.started)
-            rec.deleted_at, rec.graceful = now, True
+            rec.deleted_at = now
             log.info("SIGTERM to %s (pid %d): %s", action.name, rec.pid, action.reason)
             return
         procs.kill_tree(rec.pid, rec.started)

@@ -37,7 +37,6 @@ class PodRecord:
     created: float  # wall-clock time of the start
     exit_code: int | None = None  # set once the process ended (negative: killed by that signal)
     deleted_at: float | None = None  # when the controller asked it to stop
-    graceful: bool = False
     grace: float = 180.0  # seconds a graceful stop may take before SIGKILL
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,14 +112,15 @@ def newest_checkpoint(directory: str) -> dict[str, Any] | None:
     if "://" in directory or not Path(directory).is_dir():
         return None
     from ..core import inspect
+    from ..core.storage import LocalDirectory
 
     try:
-        committed = inspect.listing(directory).committed
+        committed = LocalDirectory(Path(directory)).committed()  # newest first
     except (OSError, ValueError):
         return None
     if not committed:
         return None
-    step, path = max(committed, key=lambda c: c[0])
+    step, path = committed[0]
     try:
         when = inspect.read_manifest(path)["wall_time"]
     except Exception:  # a damaged manifest: its directory's time will do

@@ -20,31 +20,32 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 
-def start_time(pid: int) -> int | None:
-    """The start time of ``pid`` in clock ticks since boot (None: no such process)."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after ``pid (comm)`` (state first), or None: no such process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-    return int(fields[19])
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def start_time(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (None: no such process)."""
+    fields = _stat(pid)
+    return None if fields is None else int(fields[19])
 
 
 def _state_and_ppid(pid: int) -> tuple[str, int] | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return fields[0], int(fields[1])
+    fields = _stat(pid)
+    return None if fields is None else (fields[0], int(fields[1]))
 
 
 def alive(pid: int, started: int | None = None) -> bool:
     """``pid`` runs (not a zombie) and, when ``started`` is given, is the process started then."""
-    info = _state_and_ppid(pid)
-    if info is None or info[0] in ("Z", "X"):
+    fields = _stat(pid)  # one read for the state and the start time
+    if fields is None or fields[0] in ("Z", "X"):
         return False
-    return started is None or start_time(pid) == started
+    return started is None or int(fields[19]) == started
 
 
 def descendants(pid: int) -> list[int]:

@@ -8,8 +8,11 @@ written the way kubectl writes them (``45s``, ``3m20s``, ``5h``, ``2d3h``).
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Sequence
 from typing import Any
+
+from ..k8s.model import iso, parse_time
 
 # (header, JSONPath, type): the CRD's printer columns; NAME comes first, as kubectl adds it
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -33,15 +36,9 @@ def lookup(obj: Any, path: str) -> Any:
     return obj
 
 
-def parse_time(stamp: str) -> datetime.datetime:
-    """An RFC 3339 timestamp as written in ``metadata.creationTimestamp`` (``...Z``)."""
-    return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-
-
-def now_stamp(when: datetime.datetime | None = None) -> str:
-    """``when`` (default: now) as an RFC 3339 UTC timestamp with seconds, like the API server's."""
-    when = when or datetime.datetime.now(datetime.UTC)
-    return when.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def now_stamp() -> str:
+    """Now as an RFC 3339 UTC timestamp with seconds, like the API server's."""
+    return iso(time.time())
 
 
 def _pair(big: int, big_unit: str, small: int, small_unit: str) -> str:
@@ -79,7 +76,7 @@ def cell(obj: dict[str, Any], path: str, kind: str, now: datetime.datetime) -> s
     if value is None:
         return ""
     if kind == "date":
-        return human_age((now - parse_time(value)).total_seconds())
+        return human_age(now.timestamp() - (parse_time(value) or 0.0))
     return str(value)
 
 

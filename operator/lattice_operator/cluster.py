@@ -8,9 +8,9 @@ creating a pod or Service that exists (409) and deleting one that is gone (404) 
 from __future__ import annotations
 
 import concurrent.futures
-import datetime as dt
 import logging
 import os
+import time
 import urllib.request
 import uuid
 from collections.abc import Mapping
@@ -19,6 +19,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from lattice.k8s.model import iso
 from lattice.k8s.observe import with_agent_status
 from lattice.k8s.render import METRICS_PORT
 from lattice.k8s.spec import GROUP, JOB_LABEL, KIND, PLURAL, VERSION
@@ -113,7 +114,7 @@ class Cluster:
     def post_event(self, job: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         """Post a core/v1 Event about the job (shown by ``kubectl describe tj``)."""
         meta = job["metadata"]
-        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = iso(time.time())
         event = {
             "apiVersion": "v1", "kind": "Event",
             "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},

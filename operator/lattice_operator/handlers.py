@@ -31,6 +31,7 @@ from lattice.k8s import (
     parse_job,
     reconcile,
 )
+from lattice.k8s.model import iso
 from lattice.k8s.observe import MEMORY_ANNOTATION, observed_from
 from lattice.k8s.render import pod, service
 from lattice.k8s.spec import GROUP, JOB_LABEL, PLURAL, VERSION
@@ -78,10 +79,7 @@ def reconcile_job(namespace: str, name: str, api: Cluster | None = None, now: fl
         except ConfigError as exc:
             _invalid(api, job, exc)
             raise kopf.PermanentError(str(exc)) from None
-        pods = api.list_pods(namespace, name)
-        reader = getattr(api, "with_agent_status", None)  # what each pod's agent says (checkpointing, ...)
-        if reader is not None:
-            pods = reader(pods, spec.checkpoint.url)
+        pods = api.with_agent_status(api.list_pods(namespace, name), spec.checkpoint.url)  # checkpointing, ...
         plan = reconcile(spec, observed_from(job, pods), now or time.time())
         _apply(api, job, spec, plan)
         publish_if_stale(spec, pods)  # edited min/max reach the running agents (limits.py)
@@ -112,7 +110,7 @@ def _apply(api: Cluster, job: Mapping[str, Any], spec: Any, plan: Plan) -> None:
 def _invalid(api: Cluster, job: Mapping[str, Any], exc: ConfigError) -> None:
     meta = job["metadata"]
     api.post_event(job, "Warning", "InvalidSpec", str(exc))
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    now = iso(time.time())
     api.patch_status(meta["namespace"], meta["name"], {
         "phase": "Failed", "observedGeneration": meta.get("generation"),
         "conditions": [{"type": "Failed", "status": "True", "reason": "InvalidSpec", "message": str(exc),
