@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import importlib.util
 import json
 import logging
 import signal
@@ -112,13 +111,6 @@ _CKPT_MODULES = (
 )
 
 
-def _exists(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # its parent package does not exist (yet)
-        return False
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lattice", description="Elastic, fault-tolerant training.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -146,11 +138,9 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=None, help="--simple: seed for the kill point")
     demo.set_defaults(fn=cmd_demo)
     for module in _COMMAND_MODULES:  # each part of Lattice adds its own commands
-        if _exists(module):
-            importlib.import_module(module).add_cli(sub)
+        importlib.import_module(module).add_cli(sub)
     for module in _CKPT_MODULES:
-        if _exists(module):
-            importlib.import_module(module).add_ckpt_cli(ckpt)
+        importlib.import_module(module).add_ckpt_cli(ckpt)
     return p
 
 
