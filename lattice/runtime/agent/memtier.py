@@ -226,12 +226,14 @@ class MemoryTier:
         """Delete stored checkpoints from memory: all older than the newest stored (or, after a fall
         back to storage, the stored ones too); never one that is not yet stored."""
         assert self.dir is not None
-        memory = LocalDirectory(self.dir)
+        memory, pruned = LocalDirectory(self.dir), False
         for step, path in memory.committed():
             if step < self.uploaded or (step == self.uploaded and not keep_newest):
                 with contextlib.suppress(OSError):  # the worker's own retention may have taken it
                     memory.delete(path)
-        tiers.drop_stale_marks(self.dir)
+                    pruned = True
+        if pruned:  # their verified-markers go too (not on every tick: nothing else removes checkpoints)
+            tiers.drop_stale_marks(self.dir)
 
     # -- room ------------------------------------------------------------------------------------
     def _room(self, used: int) -> int:
