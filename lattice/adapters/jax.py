@@ -22,15 +22,16 @@ import jax
 import numpy as np
 
 from ..core.adapter import Adapter
-from ..core.arrays import DTYPES, numpy_dtype
+from ..core.arrays import DTYPES, NumpyCodec, numpy_dtype
 from ..core.errors import StateMismatchError
 from . import jax_tree
 from .jax_tree import is_key, is_plain, leaves, restore, to_nested
 
 
-class JaxCodec:
+class JaxCodec(NumpyCodec):
     """``jax.Array`` leaves: snapshotted shard by shard, restored as host (numpy) arrays that the
-    JAX adapters put back on the registered devices."""
+    JAX adapters put back on the registered devices (``byte_view``/``empty``: numpy's, as a
+    jax.Array is immutable and never written in place)."""
 
     kind = "jax"
 
@@ -79,13 +80,6 @@ class JaxCodec:
         view = np.asarray(x)
         return view if view.flags.c_contiguous else None
 
-    def byte_view(self, x: Any) -> np.ndarray | None:
-        if isinstance(x, np.ndarray) and x.flags.c_contiguous and x.flags.writeable:
-            return x.reshape(-1).view(np.uint8)  # a host array from ``empty``, being restored
-        return None  # a jax.Array is immutable: never written in place
-
-    def empty(self, dtype: str, shape: tuple[int, ...]) -> Any:
-        return np.empty(shape, dtype=numpy_dtype(dtype))
 
 
 def _leaf_ok(x: Any) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..core.adapter import Adapter
-from ..core.arrays import NumpyCodec, numpy_dtype
+from ..core.arrays import NumpyCodec
 from ..core.errors import StateMismatchError
 from . import tensorflow_keras as _keras
 
@@ -33,7 +33,6 @@ for _name in ("float8_e4m3fn", "float8_e5m2"):
     if hasattr(tf.dtypes.experimental, _name):
         _DTYPES[getattr(tf.dtypes.experimental, _name)] = _name
 _BY_NAME = {v: k for k, v in _DTYPES.items()}
-_NUMPY = NumpyCodec()
 
 
 def _tf_value(x: Any) -> Any:
@@ -62,9 +61,10 @@ def dtype_name(x: Any) -> str:
     return _DTYPES[dt]
 
 
-class TFCodec:
+class TFCodec(NumpyCodec):
     """``tf.Tensor``, ``tf.Variable`` and Keras variable leaves (restored as host numpy arrays,
-    which the adapters ``assign`` into the live variables)."""
+    which the adapters ``assign`` into the live variables; ``byte_view``/``empty``: numpy's, so
+    only host arrays this codec allocated are written into, TF memory never)."""
 
     kind = "tf"
 
@@ -73,7 +73,7 @@ class TFCodec:
 
     def describe(self, x: Any) -> tuple[str, tuple[int, ...]]:
         if isinstance(x, np.ndarray):
-            return _NUMPY.describe(x)
+            return super().describe(x)
         if not isinstance(x, tf.Variable) and not _keras.is_keras_variable(x) \
                 and not hasattr(x, "_numpy"):
             raise TypeError("a symbolic tf.Tensor (inside tf.function) has no value to checkpoint")
@@ -93,12 +93,6 @@ class TFCodec:
             return None
         return host_array(x)
 
-    def byte_view(self, x: Any) -> np.ndarray | None:
-        # only host arrays this codec allocated are written into; TF memory never is
-        return _NUMPY.byte_view(x) if isinstance(x, np.ndarray) else None
-
-    def empty(self, dtype: str, shape: tuple[int, ...]) -> Any:
-        return np.empty(shape, dtype=numpy_dtype(dtype))
 
 
 def assign(var: Any, value: Any, where: str) -> None:
