@@ -232,10 +232,10 @@ class RendezvousHandler:
         return Assignment(run.round, run.rank, run.world, members)
 
     def _timeout(self, view: View) -> RendezvousTimeout:
-        seen = sorted(view.members)
+        seen, limits = sorted(view.members), effective(view.state, self._limits)  # as decide() saw them
         return RendezvousTimeout(
             f"rendezvous of job {self.job!r} timed out for node {self._node!r}: need at least "
-            f"{self._limits.min_nodes} nodes (max {self._limits.max_nodes}), saw {len(seen)}: "
+            f"{limits.min_nodes} nodes (max {limits.max_nodes}), saw {len(seen)}: "
             f"{', '.join(seen) or '(none)'}; round {view.state.round} is {view.state.phase}")
 
     # ---------------------------------------------------------------- events
