@@ -53,6 +53,7 @@ from .model import (
     Plan,
     Status,
     Worker,
+    iso,
 )
 from .spec import JobSpec
 
@@ -285,10 +286,10 @@ def _finish(p: _Planner, target: int, phase: str) -> Plan:
 def _capacity_condition(p: _Planner) -> Condition:
     mem = p.memory
     if mem.capped_at is not None:
-        retry = (mem.gave_up_at or 0.0) + mem.backoff - p.now
-        return _cond(p, "CapacityLimited", "True", "Unschedulable",
+        retry = (mem.gave_up_at or 0.0) + mem.backoff  # a time, not a countdown: the status does not change
+        return _cond(p, "CapacityLimited", "True", "Unschedulable",  # on every reconcile (no patch each time)
                      f"running at most {mem.capped_at} of {p.spec.desired} workers: pods could not be "
-                     f"scheduled; trying again in {max(0.0, retry):.0f}s")
+                     f"scheduled; trying again at {iso(retry)}")
     return _cond(p, "CapacityLimited", "False", "Schedulable", "")
 
 
