@@ -145,13 +145,13 @@ def _write_synced(path: Path, parts: list[memoryview | Pending]) -> int:
     where the filesystem refuses ``O_DIRECT``, is written normally with writeback hints.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    direct = _Direct(path)
+    direct = DirectWriter(path)
     size = 0
     try:
         writeback = Writeback(fd)
         for chunk in _chunks(parts):
             done = direct.write(chunk, size)
-            _pwrite_all(fd, chunk[done:], size + done)
+            pwrite_all(fd, chunk[done:], size + done)
             writeback.wrote(size + done, size + len(chunk))
             size += len(chunk)
         os.fsync(fd)  # covers the O_DIRECT writes too: one inode
@@ -161,13 +161,13 @@ def _write_synced(path: Path, parts: list[memoryview | Pending]) -> int:
     return size
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     while len(view):
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
 
 
-class _Direct:
+class DirectWriter:
     """An ``O_DIRECT`` descriptor for a file, used while the filesystem accepts it."""
 
     def __init__(self, path: Path):

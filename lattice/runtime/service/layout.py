@@ -16,16 +16,12 @@ import fcntl
 import logging
 import os
 import shutil
-import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
-import crc32c
-
 from lattice.core import fmt
 from lattice.core.errors import ConfigError
-from lattice.core.persist import Writeback
 from lattice.core.storage import TMP_TAG, TRASH_TAG, LocalDirectory, fsync_dir, write_durable
 
 from .names import JOB_RE
@@ -34,53 +30,6 @@ log = logging.getLogger("lattice")
 LOCK_FILE = ".lattice-service.lock"
 UPLOAD_TAG = ".upload-"
 PART_TAG = ".part-"
-
-
-class PartWriter:
-    """One file being received: appended block by block with a running crc32c, then fsynced.
-
-    A lock makes ``write``/``finish``/``abort`` safe to call from different threads in turn
-    (an abort waits for a write in flight instead of racing it).
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.size = 0
-        self.crc = 0
-        self._lock = threading.Lock()
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._writeback = Writeback(self._fd)  # each block goes to disk while the next arrives
-
-    def write(self, chunks: list[bytes]) -> None:
-        """Append ``chunks`` to the file (one ``writev``, no joining copy) and to the checksum."""
-        with self._lock:
-            assert self._fd is not None, "write after finish/abort"
-            for chunk in chunks:
-                self.crc = crc32c.crc32c(chunk, self.crc)
-            want = sum(len(c) for c in chunks)
-            done = os.writev(self._fd, chunks)
-            if done < want:  # a short write (rare on files): write the rest plainly
-                rest = memoryview(b"".join(chunks))[done:]
-                while rest:
-                    rest = rest[os.write(self._fd, rest):]
-            self._writeback.wrote(self.size, self.size + want)
-            self.size += want
-
-    def finish(self) -> None:
-        """Flush and fsync the file, then close it (the data is durable when this returns)."""
-        with self._lock:
-            if self._fd is not None:
-                os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = None
-
-    def abort(self) -> None:
-        """Close and delete the file (idempotent)."""
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-            self.path.unlink(missing_ok=True)
 
 
 class JobDir:

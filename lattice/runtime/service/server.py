@@ -29,8 +29,8 @@ from aiohttp import web
 from lattice.core import fmt
 
 from . import names
-from .layout import JobDir, PartWriter, ServiceRoot
-from .receive import receive, widen_reads
+from .layout import JobDir, ServiceRoot
+from .receive import PartWriter, receive, widen_reads
 
 log = logging.getLogger("lattice")
 MAX_MANIFEST = 16 << 20
