@@ -4,7 +4,9 @@ are closed when the test ends."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +26,33 @@ def _close_lattice_session() -> Iterator[None]:
     """``lattice.register/step/checkpoint`` use one process-wide session; forget it after each test."""
     yield
     lattice.close()
+
+
+@pytest.fixture(autouse=True)
+def _remove_dead_agents_memory_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """An agent killed by a test leaves its memory-tier directory in /dev/shm (by design: only a
+    later agent of the same job and storage rescues it); remove those of this test session's
+    jobs once their agent is gone, so test runs do not fill the machine's shared memory."""
+    yield
+    base = str(tmp_path_factory.getbasetemp())
+    for path in Path("/dev/shm").glob("lattice-*"):
+        try:
+            owner = json.loads((path / ".agent.lock").read_text())
+        except (OSError, ValueError):
+            continue
+        if not str(owner.get("storage", "")).startswith(base) or _alive(int(owner.get("pid", 0))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
 
 
 def run_process(args: list[str], *, timeout: float = 60, env: dict[str, str] | None = None,
