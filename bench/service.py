@@ -133,6 +133,10 @@ def bench_persist(args: argparse.Namespace, port: int, base: Path) -> dict[str, 
     arrays = state(args.size_mib)
     total = sum(a.nbytes for a in arrays.values())
     os.environ["LATTICE_SERVICE_TOKEN"] = TOKEN
+    # Lattice's default staging is on /dev/shm and outlives the process (a restart restores from
+    # it); this one is private to the benchmark and deleted with it
+    staging = tempfile.mkdtemp(prefix="lattice-bench-staging-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+    os.environ["LATTICE_STAGING_DIR"] = staging
     sessions = {
         "direct": lattice.new_session(checkpoint_dir=str(base / "direct"), keep=1, every_steps=0),
         "service": lattice.new_session(checkpoint_dir=f"lattice://127.0.0.1:{port}/bench", keep=1, every_steps=0),
@@ -157,6 +161,7 @@ def bench_persist(args: argparse.Namespace, port: int, base: Path) -> dict[str, 
             s.close()
         os.killpg(receiver.pid, signal.SIGKILL)
         receiver.wait()
+        shutil.rmtree(staging, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in runs.items()}
     # the shared disk drifts between repetitions: the ratio within each repetition is steadier
     others = [k for k in runs if k != "direct"]
