@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -118,6 +119,42 @@ def test_staging_keeps_uploading_with_retention_on_the_store(
     s.wait()
     assert open_store(url).list_committed() == [8, 6]
     transfer.download(open_store(url), 8, tmp_path / "check")
+
+
+def test_the_checkpoint_is_done_once_committed_in_the_store_and_wait_covers_retention(
+        url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_session) -> None:  # noqa: ANN001
+    """As with a local directory: the future resolves at the store's commit; deleting the steps
+    that ``keep`` drops follows on the upload thread, and ``wait()`` returns only after it."""
+    monkeypatch.setenv("LATTICE_STAGING_DIR", str(tmp_path / "stage"))
+    release, retaining = threading.Event(), threading.Event()
+    real = FsspecStore.retain
+
+    def slow_retain(self: FsspecStore, keep: int, newest: int | None = None) -> list[int]:
+        retaining.set()
+        assert release.wait(20)
+        return real(self, keep, newest)
+
+    monkeypatch.setattr(FsspecStore, "retain", slow_retain)
+    release.set()
+    s = make_session(checkpoint_dir=url, every_steps=None, keep=1)
+    s.register({"a": np.zeros(10)})
+    s.step_done()
+    s.checkpoint()
+    s.wait()  # step 1: nothing to delete, but retention ran
+    release.clear()
+    retaining.clear()
+    s.step_done()
+    future = s.checkpoint()
+    assert future is not None
+    future.result(timeout=20)  # resolves while retention is held back
+    assert retaining.wait(20) and open_store(url).list_committed() == [2, 1]
+    waiter = threading.Thread(target=s.wait)
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()  # wait() covers the retention
+    release.set()
+    waiter.join(20)
+    assert not waiter.is_alive() and open_store(url).list_committed() == [2]
 
 
 def test_a_disabled_memory_tier_sends_checkpoints_to_storage_but_memory_is_still_read(

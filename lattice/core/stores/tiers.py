@@ -289,7 +289,11 @@ def fetch(loc: Location, cand: Candidate) -> Path:
 
 
 class Uploader:
-    """Uploads each committed staging checkpoint on its own thread; the returned future covers the upload."""
+    """Uploads each committed staging checkpoint on its own thread; the returned future covers the upload.
+
+    The future resolves once the store committed the step; retention on the store (deleting
+    the steps ``keep`` drops) runs after that on the same thread, and ``join`` waits for it.
+    """
 
     def __init__(self, store: Store, keep: Callable[[], int]):
         self.store, self.keep = store, keep
@@ -310,16 +314,23 @@ class Uploader:
                 out.set_result(path)
                 return
             try:
-                upload(path, self.store, step, keep=self.keep())  # then retention on the store
+                upload(path, self.store, step)
             except BaseException as exc:  # the local commit stands; the store keeps its older ones
                 log.error("upload of step %d to %s failed: %s: %s", step, self.store.url, type(exc).__name__, exc)
                 out.set_exception(exc)
                 return
-            out.set_result(path)
+            out.set_result(path)  # committed in the store; retention follows, as a local persist's does
+            self._retain(step)
 
         self._thread = threading.Thread(target=run, name=f"lattice-upload-{step}", daemon=True)
         self._thread.start()
         return out
+
+    def _retain(self, step: int) -> None:
+        try:
+            self.store.retain(self.keep(), newest=step)
+        except Exception as exc:  # the step is committed; a failed cleanup only wastes space
+            log.warning("retention on %s after step %d failed: %s: %s", self.store.url, step, type(exc).__name__, exc)
 
     def resume(self, path: Path, step: int) -> concurrent.futures.Future[Path] | None:
         """After restoring from staging: upload ``step`` if the store does not have it (a crash cut it off)."""
