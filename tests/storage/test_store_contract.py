@@ -208,6 +208,28 @@ def test_put_file_with_the_wrong_checksum_is_refused_and_not_committable(backend
     assert backend.store.list_committed() == []
 
 
+def test_files_put_from_memory_commit_and_read_back_like_files_put_from_disk(backend: Backend, tmp_path: Path) -> None:
+    """``put_file`` of a memoryview (an upload straight from a snapshot buffer), including one
+    whose format is not bytes, and the same checks: a wrong crc32c is refused."""
+    import numpy as np
+
+    local = make_checkpoint(tmp_path, 4)
+    raw = (local / fmt.MANIFEST).read_bytes()
+    info = fmt.parse_manifest(raw)["files"]
+    data = bytearray((local / fmt.DATA).read_bytes())
+    with pytest.raises(CorruptCheckpointError):
+        backend.store.put_file(4, fmt.DATA, memoryview(data), info[fmt.DATA]["size"], info[fmt.DATA]["crc32c"] ^ 1)
+    assert len(data) % 4 == 0  # safetensors pads its header; the helper's arrays are float64
+    as_words = memoryview(np.frombuffer(data, dtype=np.uint32))  # a view whose format is not "B"
+    backend.store.put_file(4, fmt.DATA, as_words, info[fmt.DATA]["size"], info[fmt.DATA]["crc32c"])
+    tree = (local / fmt.TREE).read_bytes()
+    backend.store.put_file(4, fmt.TREE, memoryview(tree), info[fmt.TREE]["size"], info[fmt.TREE]["crc32c"])
+    backend.store.commit(4, raw)
+    assert backend.store.list_committed() == [4]
+    got = transfer.download(backend.store, 4, tmp_path / "dst")
+    assert (got / fmt.DATA).read_bytes() == bytes(data) and (got / fmt.TREE).read_bytes() == tree
+
+
 def test_cleanup_never_touches_committed_steps_or_fresh_uploads(backend: Backend, tmp_path: Path) -> None:
     transfer.upload(make_checkpoint(tmp_path / "a", 1), backend.store, 1)
     local = make_checkpoint(tmp_path / "b", 2)

@@ -11,10 +11,12 @@ suite against all of them).
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import crc32c as _crc
 
@@ -22,6 +24,34 @@ from .. import fmt
 from ..errors import CheckpointError, CorruptCheckpointError
 
 log = logging.getLogger("lattice")
+Source = Path | memoryview  # what put_file uploads: a local file, or bytes in memory
+
+
+class _ViewReader:
+    """``read(n)`` over a memoryview, handing out slices (no copy)."""
+
+    def __init__(self, view: memoryview):
+        self.view, self.at = view.cast("B") if view.format != "B" or view.ndim != 1 else view, 0
+
+    def read(self, n: int = -1) -> memoryview:
+        end = len(self.view) if n < 0 else min(len(self.view), self.at + n)
+        out, self.at = self.view[self.at:end], end
+        return out
+
+
+def named(source: Source) -> str:
+    """``source`` for messages: the file's path, or "<N bytes in memory>"."""
+    return f"<{len(source)} bytes in memory>" if isinstance(source, memoryview) else str(source)
+
+
+@contextlib.contextmanager
+def reading(source: Source) -> Iterator[Any]:
+    """A binary reader of ``source`` (``read(n)``); ``FileNotFoundError`` if a local file is absent."""
+    if isinstance(source, memoryview):
+        yield _ViewReader(source)
+        return
+    with open(source, "rb") as f:
+        yield f
 
 
 class Store(abc.ABC):
@@ -54,15 +84,16 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    def put_file(self, step: int, name: str, path: Path, size: int, crc32c: int) -> None:
-        """Upload local file ``path`` as file ``name`` of the not yet committed ``step``.
+    def put_file(self, step: int, name: str, source: Source, size: int, crc32c: int) -> None:
+        """Upload ``source`` as file ``name`` of the not yet committed ``step``: a local file, or
+        bytes already in memory (a ``memoryview``: an upload straight from a snapshot buffer).
 
-        The bytes are streamed (never held whole in memory) and their crc32c and size are
-        checked against ``crc32c``/``size``; on a mismatch nothing of the file is kept and
+        The bytes are streamed (never copied whole) and their crc32c and size are checked
+        against ``crc32c``/``size``; on a mismatch nothing of the file is kept and
         ``CorruptCheckpointError`` is raised. Putting a file again replaces it. Atomicity: the
-        file is invisible to readers until the step commits. ``FileNotFoundError`` if ``path``
-        does not exist. Raises ``AlreadyCommittedError`` if ``step`` is already committed (delete it
-        first).
+        file is invisible to readers until the step commits. ``FileNotFoundError`` if a local
+        ``source`` does not exist. Raises ``AlreadyCommittedError`` if ``step`` is already
+        committed (delete it first).
         """
 
     @abc.abstractmethod

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 from .. import fmt
 from ..errors import AlreadyCommittedError, CheckpointError, ConfigError, CorruptCheckpointError
 from ..storage import LocalDirectory, write_durable
-from .base import Store, check_name, copy_with_crc, manifest_for_commit
+from .base import Source, Store, check_name, copy_with_crc, manifest_for_commit, named, reading
 
 COPY_CHUNK = 8 << 20
 
@@ -51,8 +51,8 @@ class FileStore(Store):
         """The manifest of committed ``step``; ``FileNotFoundError`` if not committed."""
         return (self._committed_path(step) / fmt.MANIFEST).read_bytes()
 
-    def put_file(self, step: int, name: str, path: Path, size: int, crc32c: int) -> None:
-        """Copy ``path`` into the step's private upload directory, fsynced, checking size and crc32c."""
+    def put_file(self, step: int, name: str, source: Source, size: int, crc32c: int) -> None:
+        """Copy ``source`` into the step's private upload directory, fsynced, checking size and crc32c."""
         check_name(name)
         if (self._committed_path(step) / fmt.MANIFEST).is_file():
             raise AlreadyCommittedError(f"{self.describe(step)} is already committed; delete it before uploading it again")
@@ -61,11 +61,11 @@ class FileStore(Store):
             self.dir.prepare()
             tmp = self._pending[step] = self.dir.new_tmp(step)
         dest = tmp / name
-        with open(path, "rb") as src:
+        with reading(source) as src:
             n, crc = copy_with_crc(src, dest, COPY_CHUNK)
         if (n, crc) != (size, crc32c):
             dest.unlink(missing_ok=True)
-            raise CorruptCheckpointError(str(path), None, f"changed while uploading: {n} bytes crc32c {crc:08x}, "
+            raise CorruptCheckpointError(named(source), None, f"changed while uploading: {n} bytes crc32c {crc:08x}, "
                                          f"expected {size} bytes crc32c {crc32c:08x}")
 
     def commit(self, step: int, manifest: bytes, keep: int | None = None) -> None:

@@ -19,14 +19,13 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import crc32c as _crc
 
 from .. import fmt
 from ..errors import AlreadyCommittedError, CheckpointError, ConfigError, CorruptCheckpointError
-from .base import Store, check_name, manifest_for_commit, parses
+from .base import Source, Store, check_name, manifest_for_commit, named, parses, reading
 
 log = logging.getLogger("lattice")
 CHUNK = 8 << 20
@@ -106,21 +105,21 @@ class FsspecStore(Store):
         self._refresh()
         return self.fs.exists(self._p(step, fmt.MANIFEST))
 
-    def put_file(self, step: int, name: str, path: Path, size: int, crc32c: int) -> None:
-        """Stream ``path`` into object ``step-N/name``, checking size and crc32c (the object is removed on a mismatch)."""
+    def put_file(self, step: int, name: str, source: Source, size: int, crc32c: int) -> None:
+        """Stream ``source`` into object ``step-N/name``, checking size and crc32c (the object is removed on a mismatch)."""
         check_name(name)
         if self._has_manifest(step):
             raise AlreadyCommittedError(f"{self.describe(step)} is already committed; delete it before uploading it again")
         target = self._p(step, name)
         crc, n = 0, 0
-        with open(path, "rb") as src, self.fs.open(target, "wb") as out:
+        with reading(source) as src, self.fs.open(target, "wb") as out:
             while chunk := src.read(CHUNK):
                 crc = _crc.crc32c(chunk, crc)
                 n += len(chunk)
                 out.write(chunk)
         if (n, crc) != (size, crc32c):
             self.fs.rm_file(target)
-            raise CorruptCheckpointError(str(path), None, f"changed while uploading: {n} bytes crc32c {crc:08x}, "
+            raise CorruptCheckpointError(named(source), None, f"changed while uploading: {n} bytes crc32c {crc:08x}, "
                                          f"expected {size} bytes crc32c {crc32c:08x}")
 
     def read_pending(self, step: int, name: str) -> bytes:

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
 from ..errors import AlreadyCommittedError, CheckpointError, ConfigError, CorruptCheckpointError
-from .base import Store, check_name
+from .base import Source, Store, check_name, named
 from .transfer import TransientStoreError
 
 CHUNK = 8 << 20
@@ -63,7 +63,7 @@ class ServiceStore(Store):
         self._base = f"/v1/jobs/{quote(job)}/checkpoints"
 
     # -- HTTP ------------------------------------------------------------------------------
-    def _send(self, method: str, path: str, body: bytes | None = None,
+    def _send(self, method: str, path: str, body: bytes | memoryview | None = None,
               headers: dict[str, str] | None = None, stream_from: Path | None = None,
               size: int = 0) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
@@ -81,8 +81,11 @@ class ServiceStore(Store):
                     else:
                         while chunk := f.read(CHUNK):
                             conn.send(chunk)
-            elif body:
-                conn.send(body)
+            elif body is not None and len(body):
+                if conn.sock is not None:
+                    conn.sock.sendall(body)  # a memoryview goes out as it is: no joining copy
+                else:
+                    conn.send(body)
             return conn, conn.getresponse()
         except (http.client.HTTPException, OSError) as exc:
             conn.close()
@@ -143,12 +146,20 @@ class ServiceStore(Store):
         """GET .../{step}/manifest; ``FileNotFoundError`` (404) unless committed."""
         return self._call("GET", f"{self._base}/{step}/manifest", (200,))
 
-    def put_file(self, step: int, name: str, path: Path, size: int, crc32c: int) -> None:
+    def put_file(self, step: int, name: str, source: Source, size: int, crc32c: int) -> None:
         """PUT .../{step}/files/{name}, streamed; the service checks the crc32c and discards a mismatch."""
         check_name(name)
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path} does not exist")
-        self._call("PUT", f"{self._base}/{step}/files/{quote(name)}", (200, 201), stream_from=Path(path), size=size,
+        where: dict[str, Any]
+        if isinstance(source, memoryview):
+            view = source.cast("B") if source.format != "B" or source.ndim != 1 else source
+            if len(view) != size:
+                raise CorruptCheckpointError(named(source), None, f"is {len(view)} bytes, expected {size}")
+            where = {"body": view}
+        else:
+            if not Path(source).is_file():
+                raise FileNotFoundError(f"{source} does not exist")
+            where = {"stream_from": Path(source), "size": size}
+        self._call("PUT", f"{self._base}/{step}/files/{quote(name)}", (200, 201), **where,
                    headers={"X-Lattice-Crc32c": f"{crc32c:08x}", "Content-Type": "application/octet-stream"})
 
     def read_pending(self, step: int, name: str) -> bytes:
