@@ -305,7 +305,7 @@ class Session:
             concurrent.futures.wait([future])  # it aborts at once: nothing is committed
             raise
         if self._uploader is not None:  # the checkpoint is done once it is in the store
-            future = self._uploader.chain(future, snap.step)
+            future = self._uploader.chain(future, snap.step, snap)
         self._seq += 1
         self._last_time = time.monotonic()
         self._inflight, self._inflight_step = future, snap.step

@@ -36,11 +36,12 @@ import crc32c as _crc
 from .. import fmt
 from ..errors import CheckpointError
 from ..ranks import Ranks
+from ..snapshot import Snapshot
 from ..storage import LocalDirectory
 from . import is_remote, open_store
 from .base import Store
 from .file import path_of
-from .transfer import upload
+from .transfer import drop_other_timeline, upload
 
 log = logging.getLogger("lattice")
 SHM = Path("/dev/shm")
@@ -299,12 +300,20 @@ class Uploader:
         self.store, self.keep = store, keep
         self._thread: threading.Thread | None = None
 
-    def chain(self, persisted: concurrent.futures.Future[Path], step: int) -> concurrent.futures.Future[Path]:
-        """A future that resolves once ``persisted`` committed and the upload finished (or failed)."""
+    def chain(self, persisted: concurrent.futures.Future[Path], step: int,
+              snap: Snapshot | None = None) -> concurrent.futures.Future[Path]:
+        """A future that resolves once ``persisted`` committed and the upload finished (or failed).
+
+        With the ``snap`` of a single-rank checkpoint, its files go to the store straight from
+        the snapshot's buffers while the persist writes the staging copy (the two overlap);
+        the staged files are uploaded only where that failed. The future resolves only after
+        both, so the buffers are not reused while being sent.
+        """
         out: concurrent.futures.Future[Path] = concurrent.futures.Future()
         out.set_running_or_notify_cancel()
 
         def run() -> None:
+            sent = self._stream(snap, step) if snap is not None and snap.ranks.world == 1 else None
             try:
                 path = persisted.result()
             except BaseException as exc:
@@ -314,7 +323,7 @@ class Uploader:
                 out.set_result(path)
                 return
             try:
-                upload(path, self.store, step)
+                upload(path, self.store, step, sent=sent)
             except BaseException as exc:  # the local commit stands; the store keeps its older ones
                 log.error("upload of step %d to %s failed: %s: %s", step, self.store.url, type(exc).__name__, exc)
                 out.set_exception(exc)
@@ -325,6 +334,30 @@ class Uploader:
         self._thread = threading.Thread(target=run, name=f"lattice-upload-{step}", daemon=True)
         self._thread.start()
         return out
+
+    def _stream(self, snap: Snapshot, step: int) -> dict[str, tuple[int, int]] | None:
+        """Put ``snap``'s files from its buffers; returns name -> (size, crc32c) of those put, or
+        None if the store could not even be prepared (``upload`` then does everything)."""
+        try:
+            drop_other_timeline(self.store, step)
+        except Exception as exc:
+            log.warning("cannot send step %d to %s from memory (%s: %s); uploading the staged copy instead",
+                        step, self.store.url, type(exc).__name__, exc)
+            return None
+        sent: dict[str, tuple[int, int]] = {}
+        snap.copied.wait()
+        if snap.copy_error is not None:
+            return sent  # the persist fails too, and says why
+        try:
+            for part in snap.parts:
+                for name, view in ((part.tree_name, memoryview(part.tree)), (part.data_name, memoryview(part.file))):
+                    crc = _crc.crc32c(view)
+                    self.store.put_file(step, name, view, len(view), crc)
+                    sent[name] = (len(view), crc)
+        except Exception as exc:  # the rest is uploaded from the staged copy, with retries
+            log.warning("sending step %d to %s from memory failed (%s: %s); uploading the staged copy instead",
+                        step, self.store.url, type(exc).__name__, exc)
+        return sent
 
     def _retain(self, step: int) -> None:
         try:

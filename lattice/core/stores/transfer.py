@@ -59,13 +59,16 @@ def retry(what: str, fn: Callable[[], T], retries: int = RETRIES) -> T:
     raise AssertionError("unreachable")
 
 
-def upload(local_dir: Path, store: Store, step: int, keep: int | None = None) -> None:
+def upload(local_dir: Path, store: Store, step: int, keep: int | None = None,
+           sent: dict[str, tuple[int, int]] | None = None) -> None:
     """Upload committed local checkpoint ``local_dir`` as ``step``: every file, then the manifest.
 
     A step already committed in the store (from an abandoned timeline) is deleted first, as a
     local commit replaces it. With ``keep``, retention runs on the store after the commit.
-    Raises ``CorruptCheckpointError`` if a local file does not match its manifest, and the
-    last error if a transient one outlasts the retries; the step then stays uncommitted.
+    ``sent``: files already put for this step (name -> size, crc32c; the caller dropped the
+    other timeline then); those the manifest lists with the same size and crc32c are not put
+    again. Raises ``CorruptCheckpointError`` if a local file does not match its manifest, and
+    the last error if a transient one outlasts the retries; the step then stays uncommitted.
     """
     local_dir = Path(local_dir)
     raw = (local_dir / fmt.MANIFEST).read_bytes()
@@ -75,16 +78,19 @@ def upload(local_dir: Path, store: Store, step: int, keep: int | None = None) ->
         raise CorruptCheckpointError(str(local_dir), fmt.MANIFEST, f"is not a valid manifest: {exc}") from None
     if doc["step"] != step:
         raise CheckpointError(f"{local_dir} holds step {doc['step']}, not {step}")
-    drop_other_timeline(store, step)
+    if sent is None:
+        drop_other_timeline(store, step)
+    todo = {n: i for n, i in doc["files"].items() if (sent or {}).get(n) != (i["size"], i["crc32c"])}
     total = sum(i["size"] for i in doc["files"].values())
     t0 = time.perf_counter()
-    with Progress(f"upload {fmt.step_dirname(step)}", total) as bar:
-        for name, info in doc["files"].items():
+    with Progress(f"upload {fmt.step_dirname(step)}", sum(i["size"] for i in todo.values())) as bar:
+        for name, info in todo.items():
             path = local_dir / name
             retry(f"uploading {path}", lambda n=name, p=path, i=info: store.put_file(step, n, p, i["size"], i["crc32c"]))
             bar.update(info["size"])
     commit_manifest(store, step, raw, keep)
-    log.info("uploaded step %d to %s (%.1f MB in %.2fs)", step, store.url, total / 1e6, time.perf_counter() - t0)
+    log.info("uploaded step %d to %s (%.1f MB in %.2fs%s)", step, store.url, total / 1e6, time.perf_counter() - t0,
+             f", {len(doc['files']) - len(todo)} of {len(doc['files'])} files sent from memory before" if sent else "")
 
 
 def drop_other_timeline(store: Store, step: int) -> None:
