@@ -145,7 +145,7 @@ def _write_synced(path: Path, parts: list[memoryview | Pending]) -> int:
     where the filesystem refuses ``O_DIRECT``, is written normally with writeback hints.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    direct = DirectWriter(path)
+    direct = _Direct(path)
     size = 0
     try:
         writeback = Writeback(fd)
@@ -167,7 +167,7 @@ def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-class DirectWriter:
+class _Direct:
     """An ``O_DIRECT`` descriptor for a file, used while the filesystem accepts it."""
 
     def __init__(self, path: Path):
