@@ -132,6 +132,23 @@ class Store(abc.ABC):
         Nothing committed is ever removed. A missing store root removes nothing.
         """
 
+    def open_range(self, step: int, name: str, offset: int, length: int) -> BinaryIO:
+        """Bytes ``[offset, offset + length)`` of file ``name`` of committed ``step`` as a stream.
+
+        Fewer bytes come back if the file is shorter. Raises ``FileNotFoundError`` like
+        ``open_file``. The default seeks in ``open_file``'s stream; backends with a cheaper
+        ranged read (HTTP ``Range``) override it.
+        """
+        from .ranged import Limited
+
+        f = self.open_file(step, name)
+        try:
+            f.seek(offset)
+        except BaseException:
+            f.close()
+            raise
+        return Limited(f, length)  # type: ignore[return-value]
+
     def read_pending(self, step: int, name: str) -> bytes:
         """The bytes of file ``name`` put (by any writer) for the not yet committed ``step``.
 

@@ -12,6 +12,7 @@ what to fix.
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
 import re
@@ -181,12 +182,24 @@ class ServiceStore(Store):
 
     def open_file(self, step: int, name: str) -> BinaryIO:
         """GET .../{step}/files/{name} as a stream; ``FileNotFoundError`` (404) unless committed and present."""
+        return self._get_file(step, name, {}, (200,))
+
+    def open_range(self, step: int, name: str, offset: int, length: int) -> BinaryIO:
+        """GET .../{step}/files/{name} with ``Range``; a range past the end (416) is an empty stream."""
+        if length <= 0:
+            return io.BytesIO(b"")
+        return self._get_file(step, name, {"Range": f"bytes={offset}-{offset + length - 1}"}, (206, 200), past_end=True)
+
+    def _get_file(self, step: int, name: str, headers: dict[str, str], ok: tuple[int, ...],
+                  past_end: bool = False) -> BinaryIO:
         check_name(name)
         path = f"{self._base}/{step}/files/{quote(name)}"
-        conn, resp = self._send("GET", path)
-        if resp.status != 200:
+        conn, resp = self._send("GET", path, headers=headers)
+        if resp.status not in ok:
             data = resp.read()
             conn.close()
+            if past_end and resp.status == 416:  # the file is shorter than the range: nothing of it
+                return io.BytesIO(b"")
             self._raise("GET", path, resp.status, data)
         return _Body(conn, resp, self._where(path))  # type: ignore[return-value]
 

@@ -20,6 +20,7 @@ from .. import fmt
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..progress import Progress
 from ..storage import LocalDirectory, write_durable
+from . import ranged
 from .base import Store, copy_with_crc, stored_manifest
 
 log = logging.getLogger("lattice")
@@ -159,7 +160,7 @@ def _same_manifest(path: Path, raw: bytes) -> bool:
 def _fetch_checked(store: Store, step: int, name: str, info: dict, dest: Path, bar: Progress) -> None:
     """Stream one file to ``dest`` and check it; a mismatch is tried once more (it may be in transit)."""
     for attempt in (1, 2):
-        size, crc = retry(f"downloading {store.describe(step)}/{name}", lambda: _fetch(store, step, name, dest))
+        size, crc = retry(f"downloading {store.describe(step)}/{name}", lambda: _fetch(store, step, name, dest, info["size"]))
         if (size, crc) == (info["size"], info["crc32c"]):
             bar.update(size)
             return
@@ -170,8 +171,12 @@ def _fetch_checked(store: Store, step: int, name: str, info: dict, dest: Path, b
         log.warning("%s/%s %s; downloading it again", store.describe(step), name, reason)
 
 
-def _fetch(store: Store, step: int, name: str, dest: Path) -> tuple[int, int]:
+def _fetch(store: Store, step: int, name: str, dest: Path, size: int) -> tuple[int, int]:
+    """Stream file ``name`` into ``dest``; a big one as several ranges at once (``ranged``)."""
+    parts = ranged.ranges(size)
     try:
+        if len(parts) > 1:
+            return ranged.fetch_ranges(store, step, name, dest, parts)
         src = store.open_file(step, name)
     except FileNotFoundError:
         if step not in store.list_committed():

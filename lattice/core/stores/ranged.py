@@ -1,0 +1,131 @@
+"""Downloading one big file over several ranged reads at once.
+
+One HTTP stream (the checkpoint service, an object store) is limited by one connection's
+throughput and by the one thread that receives it; a restore after a node loss waits for it.
+A file of ``RANGE_MIN`` bytes or more is therefore fetched as up to ``streams()`` byte ranges
+in parallel, each written in place with ``pwrite``, and its crc32c is put together from the
+ranges' crc32c values (``crc32c_combine``) so no byte is read twice.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import crc32c as _crc
+
+CHUNK = 8 << 20
+RANGE_MIN = 64 << 20  # smaller files come in one stream
+RANGE_SIZE = 32 << 20  # at least this many bytes per range
+_POLY = 0x82F63B78  # crc32c (Castagnoli), reflected
+
+
+def streams() -> int:
+    """Ranged reads per file at most: ``LATTICE_DOWNLOAD_STREAMS`` (default 4, 1 turns it off)."""
+    text = os.environ.get("LATTICE_DOWNLOAD_STREAMS", "").strip()
+    try:
+        return max(1, int(text)) if text else 4
+    except ValueError:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"LATTICE_DOWNLOAD_STREAMS={text!r}: expected a whole number >= 1") from None
+
+
+def ranges(size: int) -> list[tuple[int, int]]:
+    """(offset, length) of each range to fetch a file of ``size`` bytes in; one range if small."""
+    k = min(streams(), size // RANGE_SIZE) if size >= RANGE_MIN else 1
+    k = max(1, k)
+    bounds = [size * i // k for i in range(k + 1)]
+    return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(k)]
+
+
+def _times(mat: list[int], vec: int) -> int:
+    out, i = 0, 0
+    while vec:
+        if vec & 1:
+            out ^= mat[i]
+        vec >>= 1
+        i += 1
+    return out
+
+
+def _square(mat: list[int]) -> list[int]:
+    return [_times(mat, row) for row in mat]
+
+
+def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
+    """crc32c of ``A + B`` from crc32c(A), crc32c(B) and len(B) (zlib's ``crc32_combine`` method:
+    crc1 is advanced over len2 zero bytes with GF(2) matrix powers)."""
+    if len2 <= 0:
+        return crc1
+    odd = [_POLY] + [1 << n for n in range(31)]  # the operator for one zero bit
+    even = _square(odd)  # two zero bits
+    odd = _square(even)  # four zero bits
+    while True:
+        even = _square(odd)  # first pass: one zero byte
+        if len2 & 1:
+            crc1 = _times(even, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+        odd = _square(even)
+        if len2 & 1:
+            crc1 = _times(odd, crc1)
+        len2 >>= 1
+        if not len2:
+            break
+    return crc1 ^ crc2
+
+
+class Limited:
+    """At most ``length`` bytes of ``f``, from where it stands; closing it closes ``f``."""
+
+    def __init__(self, f: BinaryIO, length: int):
+        self.f, self.left = f, length
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.f.read(n) if n else b""
+        self.left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self) -> Limited:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def fetch_ranges(store: Any, step: int, name: str, dest: Path, parts: list[tuple[int, int]]) -> tuple[int, int]:
+    """Fetch ``parts`` of a committed file in parallel into a new file ``dest`` (fsynced);
+    returns (bytes, crc32c) of what arrived; a range that ended early makes the byte count
+    short, which the caller's check against the manifest reports."""
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(parts), thread_name_prefix="lattice-fetch") as pool:
+            got = list(pool.map(lambda p: _fetch_range(store, step, name, fd, *p), parts))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    n, crc = got[0]
+    for m, c in got[1:]:  # a short range leaves n below the file's size: the caller sees that
+        crc, n = crc32c_combine(crc, c, m), n + m
+    return n, crc
+
+
+def _fetch_range(store: Any, step: int, name: str, fd: int, offset: int, length: int) -> tuple[int, int]:
+    crc, got = 0, 0
+    with store.open_range(step, name, offset, length) as src:
+        while got < length and (data := src.read(min(CHUNK, length - got))):
+            crc = _crc.crc32c(data, crc)
+            view, at = memoryview(data), offset + got
+            while view:
+                written = os.pwrite(fd, view, at)
+                view, at = view[written:], at + written
+            got += len(data)
+    return got, crc
