@@ -19,7 +19,8 @@ does). Then, ``--reps`` times, interleaved:
 - storage, warm: the same with the files still cached (the best case for storage);
 - service, cold (``--service``): storage is the checkpoint service (``lattice checkpoint-service
   serve`` started here on 127.0.0.1, its root on the same disk, caches dropped): the restore lists
-  and downloads over HTTP into a staging directory (emptied before each run) and restores from it.
+  and downloads over HTTP into a staging directory on the memory root, as Lattice stages by default
+  (emptied before each run), and restores from it.
 
 Every restore but the agent-verified memory one verifies every byte's crc32c; all read into the
 registered arrays in place. Medians are reported, with ratios.
@@ -159,7 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     memory = Path(args.shm) / f"lattice-bench-{uuid.uuid4().hex[:8]}"
     state = make_state(args.size_mb, args.arrays)
     size = sum(a.nbytes for a in state.values())
-    service = None
+    service, staging = None, None
     try:
         memory.mkdir()
         prep = prepare(state, memory, storage)
@@ -172,8 +173,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.service:
             service, url = start_service(base)
             prep["service_upload_s"] = upload(memory, url)
-            staging = base / "staging"
-            os.environ["LATTICE_STAGING_DIR"] = str(staging)
+            staging = Path(args.shm) / f"lattice-bench-staging-{uuid.uuid4().hex[:8]}"  # where Lattice stages
+            os.environ["LATTICE_STAGING_DIR"] = str(staging)  # by default: /dev/shm, when it has room
             plan["service_cold"] = (url, None, True, staging)
         times, how = measure(plan, state, args.reps, base)
     finally:
@@ -181,6 +182,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             service.terminate()
             service.wait(30)
         shutil.rmtree(memory, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -201,7 +204,8 @@ def measure(plan: dict[str, tuple[str, Path | None, bool, Path]], state: dict[st
     for r in range(reps):
         for name in names[r % len(names):] + names[:r % len(names)]:
             url, mem, cold, expected = plan[name]
-            shutil.rmtree(base / "staging", ignore_errors=True)  # a service restore downloads every time
+            if "service_cold" in plan:  # a service restore downloads every time
+                shutil.rmtree(plan["service_cold"][3], ignore_errors=True)
             if cold:
                 how = drop_cache(base)
             elif name.endswith("_warm"):  # a cold contender may have just dropped the cache: read it back in

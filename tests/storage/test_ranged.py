@@ -13,6 +13,7 @@ from storage_support import Backend, make_checkpoint
 
 from lattice.core import fmt
 from lattice.core.errors import ConfigError, CorruptCheckpointError
+from lattice.core.restore import crc32c_combine
 from lattice.core.stores import ranged, transfer
 
 pytestmark = pytest.mark.timeout(60)
@@ -24,7 +25,7 @@ def test_combined_crc32c_is_the_crc32c_of_the_whole(seed: int) -> None:
     data = os.urandom(rng.choice([0, 1, 5, 4096, 100_003]))
     cut = rng.randint(0, len(data))
     a, b = data[:cut], data[cut:]
-    assert ranged.crc32c_combine(crc32c.crc32c(a), crc32c.crc32c(b), len(b)) == crc32c.crc32c(data)
+    assert crc32c_combine(crc32c.crc32c(a), crc32c.crc32c(b), len(b)) == crc32c.crc32c(data)
 
 
 def test_combining_many_pieces_in_order() -> None:
@@ -32,7 +33,7 @@ def test_combining_many_pieces_in_order() -> None:
     bounds = [0, 1, 4095, 1 << 20, (1 << 20) + 7, 3 << 20]
     crc, n = crc32c.crc32c(data[:bounds[1]]), bounds[1]
     for lo, hi in zip(bounds[1:], bounds[2:], strict=False):
-        crc, n = ranged.crc32c_combine(crc, crc32c.crc32c(data[lo:hi]), hi - lo), hi
+        crc, n = crc32c_combine(crc, crc32c.crc32c(data[lo:hi]), hi - lo), hi
     assert (n, crc) == (len(data), crc32c.crc32c(data))
 
 

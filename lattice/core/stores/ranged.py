@@ -16,10 +16,11 @@ from typing import Any, BinaryIO
 
 import crc32c as _crc
 
+from ..restore import crc32c_combine
+
 CHUNK = 8 << 20
 RANGE_MIN = 64 << 20  # smaller files come in one stream
 RANGE_SIZE = 32 << 20  # at least this many bytes per range
-_POLY = 0x82F63B78  # crc32c (Castagnoli), reflected
 
 
 def streams() -> int:
@@ -39,44 +40,6 @@ def ranges(size: int) -> list[tuple[int, int]]:
     k = max(1, k)
     bounds = [size * i // k for i in range(k + 1)]
     return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(k)]
-
-
-def _times(mat: list[int], vec: int) -> int:
-    out, i = 0, 0
-    while vec:
-        if vec & 1:
-            out ^= mat[i]
-        vec >>= 1
-        i += 1
-    return out
-
-
-def _square(mat: list[int]) -> list[int]:
-    return [_times(mat, row) for row in mat]
-
-
-def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
-    """crc32c of ``A + B`` from crc32c(A), crc32c(B) and len(B) (zlib's ``crc32_combine`` method:
-    crc1 is advanced over len2 zero bytes with GF(2) matrix powers)."""
-    if len2 <= 0:
-        return crc1
-    odd = [_POLY] + [1 << n for n in range(31)]  # the operator for one zero bit
-    even = _square(odd)  # two zero bits
-    odd = _square(even)  # four zero bits
-    while True:
-        even = _square(odd)  # first pass: one zero byte
-        if len2 & 1:
-            crc1 = _times(even, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-        odd = _square(even)
-        if len2 & 1:
-            crc1 = _times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-    return crc1 ^ crc2
 
 
 class Limited:
