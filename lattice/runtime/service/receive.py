@@ -29,7 +29,8 @@ class PartWriter:
     """One file being received: appended block by block with a running crc32c, then fsynced.
 
     Written through the page cache, each block sent to the disk at once (``Writeback``), not
-    with ``O_DIRECT`` as the local persist writes: on the development VM that made no upload
+    with ``O_DIRECT`` as the local persist writes: on the development VM ``O_DIRECT`` left a
+    lone 1 GiB upload as fast as before and a whole persist through the service about 15%
     faster, but the first download of a file written that way took twice as long (1 GiB:
     1.9 s against 1.0 s, four A/B rounds), and that download is a restore after a node loss.
     A lock makes ``write``/``finish``/``abort`` safe to call from different threads in turn
