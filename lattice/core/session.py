@@ -30,6 +30,7 @@ from .state import State
 from .storage import LocalDirectory
 from .stores import tiers
 from .stores.assemble import assemble
+from .stores.uploader import Uploader
 
 log = logging.getLogger("lattice")
 RESERVED = {"step", "restored_from", "items"}
@@ -47,7 +48,7 @@ class Session:
         self.location = tiers.resolve(str(config.checkpoint_dir), self.ranks)
         self.storage = LocalDirectory(self.location.local)
         self.storage.prepare()
-        self._uploader = (tiers.Uploader(self.location.store, lambda: self.config.keep)
+        self._uploader = (Uploader(self.location.store, lambda: self.config.keep)
                           if self.location.upload and self.location.store is not None else None)
         if self.ranks.rank == 0:
             for path in self.storage.cleanup_leftovers() + cleanup_old_rounds(self.storage.root, self.ranks):
@@ -255,7 +256,7 @@ class Session:
         self.storage.prepare()
         self._persister.keep = self.config.keep
         if loc.upload and loc.store is not None:
-            self._uploader = tiers.Uploader(loc.store, lambda: self.config.keep)
+            self._uploader = Uploader(loc.store, lambda: self.config.keep)
 
     def _check_memory_room(self, size: int) -> None:
         """Before writing into the agent's memory: no room for this checkpoint -> storage, now."""

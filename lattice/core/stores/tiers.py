@@ -16,7 +16,6 @@ like a local checkpoint.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
@@ -27,8 +26,7 @@ import logging
 import os
 import socket
 import tempfile
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import crc32c as _crc
@@ -36,12 +34,10 @@ import crc32c as _crc
 from .. import fmt
 from ..errors import CheckpointError
 from ..ranks import Ranks
-from ..snapshot import Snapshot
 from ..storage import LocalDirectory
 from . import is_remote, open_store
 from .base import Store
 from .file import path_of
-from .transfer import drop_other_timeline, upload
 
 log = logging.getLogger("lattice")
 SHM = Path("/dev/shm")
@@ -287,101 +283,3 @@ def fetch(loc: Location, cand: Candidate) -> Path:
             return loc.store.download(cand.step, loc.staging)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-class Uploader:
-    """Uploads each committed staging checkpoint on its own thread; the returned future covers the upload.
-
-    The future resolves once the store committed the step; retention on the store (deleting
-    the steps ``keep`` drops) runs after that on the same thread, and ``join`` waits for it.
-    """
-
-    def __init__(self, store: Store, keep: Callable[[], int]):
-        self.store, self.keep = store, keep
-        self._thread: threading.Thread | None = None
-
-    def chain(self, persisted: concurrent.futures.Future[Path], step: int,
-              snap: Snapshot | None = None) -> concurrent.futures.Future[Path]:
-        """A future that resolves once ``persisted`` committed and the upload finished (or failed).
-
-        With the ``snap`` of a single-rank checkpoint, its files go to the store straight from
-        the snapshot's buffers while the persist writes the staging copy (the two overlap);
-        the staged files are uploaded only where that failed. The future resolves only after
-        both, so the buffers are not reused while being sent.
-        """
-        out: concurrent.futures.Future[Path] = concurrent.futures.Future()
-        out.set_running_or_notify_cancel()
-
-        def run() -> None:
-            sent = self._stream(snap, step) if snap is not None and snap.ranks.world == 1 else None
-            try:
-                path = persisted.result()
-            except BaseException as exc:
-                out.set_exception(exc)
-                return
-            if path.name != fmt.step_dirname(step):  # another rank commits this one
-                out.set_result(path)
-                return
-            try:
-                upload(path, self.store, step, sent=sent)
-            except BaseException as exc:  # the local commit stands; the store keeps its older ones
-                log.error("upload of step %d to %s failed: %s: %s", step, self.store.url, type(exc).__name__, exc)
-                out.set_exception(exc)
-                return
-            out.set_result(path)  # committed in the store; retention follows, as a local persist's does
-            self._retain(step)
-
-        self._thread = threading.Thread(target=run, name=f"lattice-upload-{step}", daemon=True)
-        self._thread.start()
-        return out
-
-    def _stream(self, snap: Snapshot, step: int) -> dict[str, tuple[int, int]] | None:
-        """Put ``snap``'s files from its buffers; returns name -> (size, crc32c) of those put, or
-        None if the store could not even be prepared (``upload`` then does everything)."""
-        try:
-            drop_other_timeline(self.store, step)
-        except Exception as exc:
-            log.warning("cannot send step %d to %s from memory (%s: %s); uploading the staged copy instead",
-                        step, self.store.url, type(exc).__name__, exc)
-            return None
-        sent: dict[str, tuple[int, int]] = {}
-        snap.copied.wait()
-        if snap.copy_error is not None:
-            return sent  # the persist fails too, and says why
-        try:
-            for part in snap.parts:
-                for name, view in ((part.tree_name, memoryview(part.tree)), (part.data_name, memoryview(part.file))):
-                    crc = _crc.crc32c(view)
-                    self.store.put_file(step, name, view, len(view), crc)
-                    sent[name] = (len(view), crc)
-        except Exception as exc:  # the rest is uploaded from the staged copy, with retries
-            log.warning("sending step %d to %s from memory failed (%s: %s); uploading the staged copy instead",
-                        step, self.store.url, type(exc).__name__, exc)
-        return sent
-
-    def _retain(self, step: int) -> None:
-        try:
-            self.store.retain(self.keep(), newest=step)
-        except Exception as exc:  # the step is committed; a failed cleanup only wastes space
-            log.warning("retention on %s after step %d failed: %s: %s", self.store.url, step, type(exc).__name__, exc)
-
-    def resume(self, path: Path, step: int) -> concurrent.futures.Future[Path] | None:
-        """After restoring from staging: upload ``step`` if the store does not have it (a crash cut it off)."""
-        try:
-            if step in self.store.list_committed():
-                return None
-        except Exception as exc:
-            log.warning("cannot list %s to check step %d was uploaded: %s", self.store.url, step, exc)
-            return None
-        log.info("step %d is in the staging directory but not in %s: uploading it", step, self.store.url)
-        done: concurrent.futures.Future[Path] = concurrent.futures.Future()
-        done.set_result(path)
-        return self.chain(done, step)
-
-    def join(self, timeout: float | None = None) -> bool:
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-            return not thread.is_alive()
-        return True
-
