@@ -41,7 +41,7 @@ class _ViewReader:
 
 def named(source: Source) -> str:
     """``source`` for messages: the file's path, or "<N bytes in memory>"."""
-    return f"<{len(source)} bytes in memory>" if isinstance(source, memoryview) else str(source)
+    return f"<{source.nbytes} bytes in memory>" if isinstance(source, memoryview) else str(source)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from urllib.parse import quote, urlsplit
 
 from ..errors import AlreadyCommittedError, CheckpointError, ConfigError, CorruptCheckpointError
 from .base import Source, Store, check_name, named
+from .ranged import Limited
 from .transfer import TransientStoreError
 
 CHUNK = 8 << 20
@@ -83,10 +84,12 @@ class ServiceStore(Store):
                         while chunk := f.read(CHUNK):
                             conn.send(chunk)
             elif body is not None and len(body):
-                if conn.sock is not None:
-                    conn.sock.sendall(body)  # a memoryview goes out as it is: no joining copy
-                else:
-                    conn.send(body)
+                view = memoryview(body)
+                for i in range(0, len(view), CHUNK):  # sendall's timeout covers one call: keep calls small
+                    if conn.sock is not None:
+                        conn.sock.sendall(view[i:i + CHUNK])  # slices of a memoryview: no copy
+                    else:
+                        conn.send(view[i:i + CHUNK])
             return conn, conn.getresponse()
         except (http.client.HTTPException, OSError) as exc:
             conn.close()
@@ -188,7 +191,10 @@ class ServiceStore(Store):
         """GET .../{step}/files/{name} with ``Range``; a range past the end (416) is an empty stream."""
         if length <= 0:
             return io.BytesIO(b"")
-        return self._get_file(step, name, {"Range": f"bytes={offset}-{offset + length - 1}"}, (206, 200), past_end=True)
+        body = self._get_file(step, name, {"Range": f"bytes={offset}-{offset + length - 1}"}, (206, 200), past_end=True)
+        if isinstance(body, _Body) and body.resp.status == 200:  # the Range was ignored (a proxy): skip to it
+            body.skip(offset)
+        return Limited(body, length)  # type: ignore[return-value]
 
     def _get_file(self, step: int, name: str, headers: dict[str, str], ok: tuple[int, ...],
                   past_end: bool = False) -> BinaryIO:
@@ -221,9 +227,17 @@ class _Body:
 
     def read(self, n: int = -1) -> bytes:
         try:
-            return self.resp.read(n if n >= 0 else None)
+            data = self.resp.read(n if n >= 0 else None)
         except (http.client.HTTPException, OSError) as exc:
             raise TransientStoreError(f"GET {self.where}: the body was cut off: {exc}") from exc
+        if n != 0 and not data and self.resp.length:  # http.client returns b"" when the peer hangs up early
+            raise TransientStoreError(f"GET {self.where}: the body was cut off {self.resp.length} bytes before its end")
+        return data
+
+    def skip(self, n: int) -> None:
+        """Read and drop ``n`` bytes (fewer if the body ends first)."""
+        while n > 0 and (data := self.read(min(n, CHUNK))):
+            n -= len(data)
 
     def close(self) -> None:
         self.resp.close()
