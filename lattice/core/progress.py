@@ -23,8 +23,7 @@ class Progress:
         self.label, self.total, self.done = label, total, 0
         self.stream = stream or sys.stderr
         self.enabled = total >= threshold
-        isatty = getattr(self.stream, "isatty", None)
-        self.tty = bool(isatty()) if callable(isatty) else False
+        self.tty = self.enabled and _isatty(self.stream)
         self.interval = TTY_INTERVAL if self.tty else LOG_INTERVAL
         self._t0 = self._last = time.monotonic()
 
@@ -47,3 +46,10 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         if self.enabled:
             self._draw(time.monotonic(), end="\n")
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no such method, or a closed stream
+        return False
