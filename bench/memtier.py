@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -178,12 +179,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             plan["service_cold"] = (url, None, True, staging)
         times, how = measure(plan, state, args.reps, base)
     finally:
-        if service is not None:
-            service.terminate()
-            service.wait(30)
         shutil.rmtree(memory, ignore_errors=True)
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+        if service is not None:
+            service.terminate()
+            service.wait(30)
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -247,6 +248,10 @@ def report(res: dict[str, Any]) -> None:
     print(f"load average during the run: {res['machine']['load']}")
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mb", type=int, default=1024, help="state size in MiB (default 1024)")
@@ -257,6 +262,7 @@ def main() -> None:
     ap.add_argument("--shm", default="/dev/shm", help="memory root (default /dev/shm)")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so the finally blocks stop the service, free /dev/shm
     res = run(args)
     report(res)
     if args.json:

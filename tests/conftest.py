@@ -4,6 +4,7 @@ are closed when the test ends."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -32,27 +33,27 @@ def _close_lattice_session() -> Iterator[None]:
 def _remove_dead_agents_memory_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """An agent killed by a test leaves its memory-tier directory in /dev/shm (by design: only a
     later agent of the same job and storage rescues it); remove those of this test session's
-    jobs once their agent is gone, so test runs do not fill the machine's shared memory."""
+    jobs once no process holds their lock, so test runs do not fill the machine's shared memory."""
     yield
-    base = str(tmp_path_factory.getbasetemp())
+    base = tmp_path_factory.getbasetemp().resolve()
     for path in Path("/dev/shm").glob("lattice-*"):
+        lock = path / ".agent.lock"
         try:
-            owner = json.loads((path / ".agent.lock").read_text())
-        except (OSError, ValueError):
+            owner = json.loads(lock.read_text())
+            if not Path(str(owner.get("storage", ""))).resolve().is_relative_to(base):
+                continue
+            fd = os.open(lock, os.O_RDWR)
+        except (OSError, ValueError, AttributeError):
             continue
-        if not str(owner.get("storage", "")).startswith(base) or _alive(int(owner.get("pid", 0))):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live agent (or a rescuer): keep
+        except OSError:
+            os.close(fd)
             continue
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def run_process(args: list[str], *, timeout: float = 60, env: dict[str, str] | None = None,
