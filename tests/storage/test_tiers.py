@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import threading
 import uuid
 from pathlib import Path
 
@@ -119,108 +118,6 @@ def test_staging_keeps_uploading_with_retention_on_the_store(
     s.wait()
     assert open_store(url).list_committed() == [8, 6]
     transfer.download(open_store(url), 8, tmp_path / "check")
-
-
-def test_the_checkpoint_is_done_once_committed_in_the_store_and_wait_covers_retention(
-        url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_session) -> None:  # noqa: ANN001
-    """As with a local directory: the future resolves at the store's commit; deleting the steps
-    that ``keep`` drops follows on the upload thread, and ``wait()`` returns only after it."""
-    monkeypatch.setenv("LATTICE_STAGING_DIR", str(tmp_path / "stage"))
-    release, retaining = threading.Event(), threading.Event()
-    real = FsspecStore.retain
-
-    def slow_retain(self: FsspecStore, keep: int, newest: int | None = None) -> list[int]:
-        retaining.set()
-        assert release.wait(20)
-        return real(self, keep, newest)
-
-    monkeypatch.setattr(FsspecStore, "retain", slow_retain)
-    release.set()
-    s = make_session(checkpoint_dir=url, every_steps=None, keep=1)
-    s.register({"a": np.zeros(10)})
-    s.step_done()
-    s.checkpoint()
-    s.wait()  # step 1: nothing to delete, but retention ran
-    release.clear()
-    retaining.clear()
-    s.step_done()
-    future = s.checkpoint()
-    assert future is not None
-    future.result(timeout=20)  # resolves while retention is held back
-    assert retaining.wait(20) and open_store(url).list_committed() == [2, 1]
-    waiter = threading.Thread(target=s.wait)
-    waiter.start()
-    waiter.join(0.3)
-    assert waiter.is_alive()  # wait() covers the retention
-    release.set()
-    waiter.join(20)
-    assert not waiter.is_alive() and open_store(url).list_committed() == [2]
-
-
-def test_files_go_to_the_store_from_memory_while_the_staging_copy_is_written(
-        url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_session) -> None:  # noqa: ANN001
-    """The staging write of the data file is held until the store has that file: the upload
-    from the snapshot buffer overlaps the staging persist (sequential code would time out)."""
-    from lattice.core import persist
-
-    monkeypatch.setenv("LATTICE_STAGING_DIR", str(tmp_path / "stage"))
-    in_store, sources = threading.Event(), []
-    real_put, real_write = FsspecStore.put_file, persist.write_file
-
-    def put(self: FsspecStore, step: int, name: str, source: object, size: int, crc: int) -> None:
-        real_put(self, step, name, source, size, crc)
-        sources.append((name, type(source).__name__))
-        if name.endswith(".safetensors"):
-            in_store.set()
-
-    def write(path: Path, parts: list) -> dict[str, int]:  # noqa: ANN001
-        if path.name.endswith(".safetensors"):
-            assert in_store.wait(20), "the data file was not sent before its staging copy was written"
-        return real_write(path, parts)
-
-    monkeypatch.setattr(FsspecStore, "put_file", put)
-    monkeypatch.setattr(persist, "write_file", write)
-    s = make_session(checkpoint_dir=url, every_steps=None, keep=1)
-    a = np.arange(1000.0)
-    s.register({"a": a})
-    s.step_done()
-    s.checkpoint()
-    s.wait()
-    assert {kind for _, kind in sources} == {"memoryview"}  # nothing was uploaded twice from staging
-    got = transfer.download(open_store(url), 1, tmp_path / "check")
-    assert (got / fmt.MANIFEST).read_bytes() == (tmp_path / "stage" / fmt.step_dirname(1) / fmt.MANIFEST).read_bytes()
-    for name in fmt.parse_manifest((got / fmt.MANIFEST).read_bytes())["files"]:
-        assert (got / name).read_bytes() == (tmp_path / "stage" / fmt.step_dirname(1) / name).read_bytes()
-
-
-def test_a_failed_send_from_memory_falls_back_to_the_staged_copy(
-        url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_session) -> None:  # noqa: ANN001
-    from lattice.core.stores.transfer import TransientStoreError
-
-    monkeypatch.setenv("LATTICE_STAGING_DIR", str(tmp_path / "stage"))
-    real_put, sources = FsspecStore.put_file, []
-
-    def put(self: FsspecStore, step: int, name: str, source: object, size: int, crc: int) -> None:
-        sources.append((name, type(source).__name__))
-        if isinstance(source, memoryview) and name.endswith(".safetensors"):
-            raise TransientStoreError("connection reset (injected)")
-        real_put(self, step, name, source, size, crc)
-
-    monkeypatch.setattr(FsspecStore, "put_file", put)
-    s = make_session(checkpoint_dir=url, every_steps=None, keep=1)
-    s.register({"a": np.arange(1000.0)})
-    s.step_done()
-    s.checkpoint()
-    s.wait()
-    assert open_store(url).list_committed() == [1]
-    data = [kind for name, kind in sources if name.endswith(".safetensors")]
-    assert data == ["memoryview", "PosixPath"]  # the staged copy replaced the failed send
-    s.close()
-    monkeypatch.setenv("LATTICE_STAGING_DIR", str(tmp_path / "fresh"))  # so the restore downloads from the store
-    b = np.zeros(1000)
-    r = make_session(checkpoint_dir=url, every_steps=None)
-    r.register({"a": b})
-    assert r.step == 1 and np.array_equal(b, np.arange(1000.0))
 
 
 def test_a_disabled_memory_tier_sends_checkpoints_to_storage_but_memory_is_still_read(

@@ -1,6 +1,7 @@
-"""The uploader's failure paths: a persist that fails after the files were sent, a store that
-loses the sent files before the commit, a store that cannot be reached, and ``sent`` entries
-that do not match the manifest."""
+"""The uploader (stores/uploader.py): files sent from the snapshot buffers while the staging copy
+is written, the future resolving at the store's commit, and the failure paths: a send that fails,
+a persist that fails after the send, a store that loses the sent files before the commit, a store
+that cannot be reached, and ``sent`` entries that do not match the manifest."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import errno
 import logging
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import crc32c
@@ -39,24 +40,114 @@ def objects(url: str) -> list[str]:
     return sorted(store._objects()) if store.fs.exists(store.root) else []
 
 
-def sent_then(monkeypatch: pytest.MonkeyPatch, action: object) -> None:
-    """Hold the staging write of the data file until the store has it from memory, then run ``action``."""
-    in_store = threading.Event()
+def sent_then(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None] = lambda: None) -> list[tuple[str, str]]:
+    """Hold the staging write of the data file until the store has it from memory, then run
+    ``action``; returns (file name, type of source) of every ``put_file``, as they happen. The
+    hold proves the overlap: code that sent only after the staging copy would time out here."""
+    in_store, sources = threading.Event(), []
     real_put, real_write = FsspecStore.put_file, persist.write_file
 
     def put(self: FsspecStore, step: int, name: str, source: object, size: int, crc: int) -> None:
+        sources.append((name, type(source).__name__))
         real_put(self, step, name, source, size, crc)
         if isinstance(source, memoryview) and name.endswith(".safetensors"):
             in_store.set()
 
     def write(path: Path, parts: list) -> dict[str, int]:  # noqa: ANN001
         if path.name.endswith(".safetensors"):  # the staging copy of the data file
-            assert in_store.wait(20)
-            action()  # type: ignore[operator]
+            assert in_store.wait(20), "the data file was not sent before its staging copy was written"
+            action()
         return real_write(path, parts)
 
     monkeypatch.setattr(FsspecStore, "put_file", put)
     monkeypatch.setattr(persist, "write_file", write)
+    return sources
+
+
+def checkpoint_once(make_session, url: str, a: np.ndarray) -> None:  # noqa: ANN001
+    s = make_session(checkpoint_dir=url, every_steps=None, keep=1)
+    s.register({"a": a})
+    s.step_done()
+    s.checkpoint()
+    s.wait()
+
+
+def restored(make_session, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, np.ndarray]:  # noqa: ANN001
+    """A fresh session's restore from the store (a new staging directory: nothing local to take)."""
+    monkeypatch.setenv("LATTICE_STAGING_DIR", str(tmp_path / f"fresh-{uuid.uuid4().hex[:6]}"))
+    b = np.zeros(1000)
+    r = make_session(checkpoint_dir=url, every_steps=None)
+    r.register({"a": b})
+    return r.step, b
+
+
+def test_files_go_to_the_store_from_memory_while_the_staging_copy_is_written(
+        url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_session) -> None:  # noqa: ANN001
+    sources = sent_then(monkeypatch)
+    a = np.arange(1000.0)
+    checkpoint_once(make_session, url, a)
+    assert {kind for _, kind in sources} == {"memoryview"}  # nothing was uploaded again from staging
+    got = transfer.download(open_store(url), 1, tmp_path / "check")
+    staged = tmp_path / "stage" / fmt.step_dirname(1)
+    for name in [fmt.MANIFEST, *fmt.parse_manifest((got / fmt.MANIFEST).read_bytes())["files"]]:
+        assert (got / name).read_bytes() == (staged / name).read_bytes()
+    step, b = restored(make_session, url, tmp_path, monkeypatch)
+    assert step == 1 and np.array_equal(a, b)
+
+
+def test_a_failed_send_from_memory_falls_back_to_the_staged_copy(
+        url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_session) -> None:  # noqa: ANN001
+    real_put, sources = FsspecStore.put_file, []
+
+    def put(self: FsspecStore, step: int, name: str, source: object, size: int, crc: int) -> None:
+        sources.append((name, type(source).__name__))
+        if isinstance(source, memoryview) and name.endswith(".safetensors"):
+            raise transfer.TransientStoreError("connection reset (injected)")
+        real_put(self, step, name, source, size, crc)
+
+    monkeypatch.setattr(FsspecStore, "put_file", put)
+    a = np.arange(1000.0)
+    checkpoint_once(make_session, url, a)
+    assert open_store(url).list_committed() == [1]
+    data = [kind for name, kind in sources if name.endswith(".safetensors")]
+    assert data == ["memoryview", "PosixPath"]  # the staged copy replaced the failed send
+    step, b = restored(make_session, url, tmp_path, monkeypatch)
+    assert step == 1 and np.array_equal(a, b)
+
+
+def test_the_checkpoint_is_done_once_committed_in_the_store_and_wait_covers_retention(
+        url: str, monkeypatch: pytest.MonkeyPatch, make_session) -> None:  # noqa: ANN001
+    """As with a local directory: the future resolves at the store's commit; deleting the steps
+    that ``keep`` drops follows on the upload thread, and ``wait()`` returns only after it."""
+    release, retaining = threading.Event(), threading.Event()
+    real = FsspecStore.retain
+
+    def slow_retain(self: FsspecStore, keep: int, newest: int | None = None) -> list[int]:
+        retaining.set()
+        assert release.wait(20)
+        return real(self, keep, newest)
+
+    monkeypatch.setattr(FsspecStore, "retain", slow_retain)
+    release.set()
+    s = make_session(checkpoint_dir=url, every_steps=None, keep=1)
+    s.register({"a": np.zeros(10)})
+    s.step_done()
+    s.checkpoint()
+    s.wait()  # step 1: nothing to delete, but retention ran
+    release.clear()
+    retaining.clear()
+    s.step_done()
+    future = s.checkpoint()
+    assert future is not None
+    future.result(timeout=20)  # resolves while retention is held back
+    assert retaining.wait(20) and open_store(url).list_committed() == [2, 1]
+    waiter = threading.Thread(target=s.wait)
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()  # wait() covers the retention
+    release.set()
+    waiter.join(20)
+    assert not waiter.is_alive() and open_store(url).list_committed() == [2]
 
 
 def test_a_persist_that_fails_after_the_send_leaves_nothing_in_the_store(
@@ -65,12 +156,8 @@ def test_a_persist_that_fails_after_the_send_leaves_nothing_in_the_store(
         raise OSError(errno.ENOSPC, "No space left on device (injected)")
 
     sent_then(monkeypatch, disk_full)
-    s = make_session(checkpoint_dir=url, every_steps=None, keep=1)
-    s.register({"a": np.arange(1000.0)})
-    s.step_done()
-    s.checkpoint()
     with pytest.raises(CheckpointError, match="No space left"):
-        s.wait()
+        checkpoint_once(make_session, url, np.arange(1000.0))
     assert open_store(url).list_committed() == []
     assert objects(url) == []  # the files sent from memory were removed again
 
@@ -86,19 +173,12 @@ def test_files_the_store_lost_before_the_commit_are_uploaded_again_from_staging(
 
     sent_then(monkeypatch, service_restarted)
     caplog.set_level(logging.WARNING, logger="lattice")
-    s = make_session(checkpoint_dir=url, every_steps=None, keep=1)
     a = np.arange(1000.0)
-    s.register({"a": a})
-    s.step_done()
-    s.checkpoint()
-    s.wait()
+    checkpoint_once(make_session, url, a)
     assert open_store(url).list_committed() == [1]
     assert any("uploading every file from the staged copy" in r.getMessage() for r in caplog.records)
-    monkeypatch.setenv("LATTICE_STAGING_DIR", str(tmp_path / "fresh"))  # so the restore downloads from the store
-    b = np.zeros(1000)
-    r = make_session(checkpoint_dir=url, every_steps=None)
-    r.register({"a": b})
-    assert r.step == 1 and np.array_equal(a, b)
+    step, b = restored(make_session, url, tmp_path, monkeypatch)
+    assert step == 1 and np.array_equal(a, b)
 
 
 def test_an_unreachable_store_fails_the_checkpoint_after_one_round_of_retries(
