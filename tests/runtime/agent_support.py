@@ -101,3 +101,18 @@ def last_step_before(p: Proc, marker: str) -> int:
         if m := re.search(r"\]: step (\d+)$", line):
             last = int(m.group(1))
     raise AssertionError(f"{marker!r} not in output")
+
+
+def wait_committed(root: Path, at_least: int, timeout: float = 60) -> int:
+    """Wait until ``root`` holds a committed checkpoint of step ``at_least`` or later (every rank's
+    part is in: the workers of different agents drift apart); returns its step."""
+    from lattice.core.storage import LocalDirectory
+
+    deadline = time.monotonic() + timeout
+    while True:
+        steps = [s for s, _ in LocalDirectory(root).committed() if s >= at_least]
+        if steps:
+            return max(steps)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no checkpoint of step {at_least} or later was committed in {root} in {timeout} s")
+        time.sleep(0.1)

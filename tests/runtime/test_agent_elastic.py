@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_support import LATTICE, WORKER, Proc, last_step_before, serve
+from agent_support import LATTICE, WORKER, Proc, last_step_before, serve, wait_committed
 
 
 def agent(tmp: Path, endpoint: str, *worker: str, ttl: str = "1") -> Proc:
@@ -50,6 +50,7 @@ def test_agents_survive_a_kill_and_scale_up_and_down_without_losing_planned_step
     try:
         a, b = two_agents(tmp_path, endpoint, procs, ("0.05", "0.05"), "10")
         a.wait_for(lambda ln: ln.endswith("]: step 25"), 60)
+        wait_committed(tmp_path / "ckpt", 20)
 
         # an agent dies: the survivor re-rendezvouses alone and resumes from the newest checkpoint
         mark = a.mark()

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_support import LATTICE, WORKER, Proc, serve
+from agent_support import LATTICE, WORKER, Proc, serve, wait_committed
 
 from lattice.runtime.kv import create_backend
 from lattice.runtime.rendezvous.decide import RoundState
@@ -34,6 +34,7 @@ def test_a_lowered_minimum_reaches_running_agents(tmp_path: Path) -> None:
         for p in (a, b):
             p.wait_for(lambda ln: "start step 0 world 2" in ln, 60)
         a.wait_for(lambda ln: ln.endswith("]: step 12"), 60)
+        wait_committed(tmp_path / "ckpt", 10)
         mark = a.mark()
         b.kill()
         a.wait_for(lambda ln: "peer-lost" in ln, 30, after=mark)
