@@ -37,9 +37,7 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,13 +47,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from service import TOKEN, _exit_on_sigterm, start_service  # noqa: E402  (bench/service.py)
+
+from lattice.core.stores.tiers import fs_type  # noqa: E402
+
 MiB = 1 << 20
-
-
-def fs_type(path: Path) -> str:
-    from lattice.core.stores.tiers import fs_type as kind
-
-    return kind(path)
 
 
 def drop_cache(root: Path) -> str:
@@ -103,30 +99,6 @@ def restore(state: dict[str, Any], storage: str, memory: Path | None) -> tuple[f
     return dt, where
 
 
-def start_service(base: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``lattice checkpoint-service serve`` on a free loopback port, root under ``base``; (process, URL)."""
-    import urllib.request
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    token = base / "token"
-    token.write_text(uuid.uuid4().hex)
-    os.environ["LATTICE_SERVICE_TOKEN_FILE"] = str(token)
-    proc = subprocess.Popen([sys.executable, "-m", "lattice.cli", "checkpoint-service", "serve", "--root",
-                             str(base / "service"), "--port", str(port), "--token-file", str(token)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=1).read()
-            return proc, f"lattice://127.0.0.1:{port}/bench"
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the checkpoint service did not start")
-
-
 def upload(memory: Path, url: str, mark: bool = False) -> float:
     """Upload the memory checkpoint to ``url`` as the agent's replicator does (``MemoryTier._upload``:
     the upload checks every file, then, with ``mark``, the checkpoint is marked verified); seconds."""
@@ -172,7 +144,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "storage_cold": (str(storage), None, True, storage),
             "storage_warm": (str(storage), None, False, storage)}
         if args.service:
-            service, url = start_service(base)
+            service, port = start_service(base / "service", base)
+            os.environ["LATTICE_SERVICE_TOKEN"] = TOKEN
+            url = f"lattice://127.0.0.1:{port}/bench"
             prep["service_upload_s"] = upload(memory, url)
             staging = Path(args.shm) / f"lattice-bench-staging-{uuid.uuid4().hex[:8]}"  # where Lattice stages
             os.environ["LATTICE_STAGING_DIR"] = str(staging)  # by default: /dev/shm, when it has room
@@ -246,10 +220,6 @@ def report(res: dict[str, Any]) -> None:
           f"agent upload to disk {p['upload_s']:.3f}s ({gib / p['upload_s']:.2f} GiB/s)"
           + (f", to the service {p['service_upload_s']:.3f}s" if "service_upload_s" in p else ""))
     print(f"load average during the run: {res['machine']['load']}")
-
-
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 def main() -> None:

@@ -4,8 +4,6 @@ are closed when the test ends."""
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
 import shutil
 import signal
@@ -35,25 +33,19 @@ def _remove_dead_agents_memory_dirs(tmp_path_factory: pytest.TempPathFactory) ->
     later agent of the same job and storage rescues it); remove those of this test session's
     jobs once no process holds their lock, so test runs do not fill the machine's shared memory."""
     yield
+    from lattice.runtime.agent.memdir import _lock, _owner
+
     base = tmp_path_factory.getbasetemp().resolve()
     for path in Path("/dev/shm").glob("lattice-*"):
-        lock = path / ".agent.lock"
-        try:
-            owner = json.loads(lock.read_text())
-            if not Path(str(owner.get("storage", ""))).resolve().is_relative_to(base):
-                continue
-            fd = os.open(lock, os.O_RDWR)
-        except (OSError, ValueError, AttributeError):
+        storage = str(_owner(path).get("storage", ""))
+        if not storage or not Path(storage).resolve().is_relative_to(base):
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live agent (or a rescuer): keep
-        except OSError:
-            os.close(fd)
-            continue
-        try:
-            shutil.rmtree(path, ignore_errors=True)
-        finally:
-            os.close(fd)
+        fd = _lock(path, {})  # None: held by a live agent (or a rescuer), keep it
+        if fd is not None:
+            try:
+                shutil.rmtree(path, ignore_errors=True)
+            finally:
+                os.close(fd)
 
 
 def run_process(args: list[str], *, timeout: float = 60, env: dict[str, str] | None = None,

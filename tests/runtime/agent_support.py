@@ -103,16 +103,18 @@ def last_step_before(p: Proc, marker: str) -> int:
     raise AssertionError(f"{marker!r} not in output")
 
 
-def wait_committed(root: Path, at_least: int, timeout: float = 60) -> int:
-    """Wait until ``root`` holds a committed checkpoint of step ``at_least`` or later (every rank's
-    part is in: the workers of different agents drift apart); returns its step."""
-    from lattice.core.storage import LocalDirectory
+def wait_committed(where: Path | str, at_least: int, timeout: float = 60) -> int:
+    """Wait until ``where`` (a checkpoint directory or URL) holds a committed checkpoint of step
+    ``at_least`` or later (every rank's part is in: the workers of different agents drift
+    apart); returns its step."""
+    from lattice.core.stores import open_store
 
+    store = open_store(str(where))
     deadline = time.monotonic() + timeout
     while True:
-        steps = [s for s, _ in LocalDirectory(root).committed() if s >= at_least]
+        steps = [s for s in store.list_committed() if s >= at_least]
         if steps:
             return max(steps)
         if time.monotonic() > deadline:
-            raise AssertionError(f"no checkpoint of step {at_least} or later was committed in {root} in {timeout} s")
+            raise AssertionError(f"no checkpoint of step {at_least} or later was committed in {where} in {timeout} s")
         time.sleep(0.1)

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from agent_support import LATTICE, WORKER, Proc, last_step_before, serve
+from agent_support import LATTICE, WORKER, Proc, last_step_before, serve, wait_committed
 from kv_support import free_port
 
 from lattice.core.stores import open_store
@@ -57,10 +57,7 @@ def test_two_agents_checkpoint_to_the_service_and_a_planned_stop_loses_nothing(t
         a.wait_for(lambda ln: "start step 0 world 2" in ln, 60)
         b.wait_for(lambda ln: "start step 0 world 2" in ln, 60)
         a.wait_for(lambda ln: ln.endswith("]: step 25"), 60)
-        deadline = time.monotonic() + 60  # policy checkpoints of both ranks, committed in the service
-        while 20 not in open_store(url).list_committed():  # (rank 1's worker may trail rank 0's)
-            assert time.monotonic() < deadline, "step 20 was never committed in the service"
-            time.sleep(0.1)
+        wait_committed(url, 20)  # policy checkpoints of both ranks, committed in the service
         mark = a.mark()
         b.signal(signal.SIGTERM)
         assert b.wait(60) == 0, b.text

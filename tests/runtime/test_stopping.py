@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import uuid
 
 import pytest
 
@@ -36,8 +35,8 @@ def store():  # type: ignore[no-untyped-def]
     kv.close()
 
 
-def test_the_stop_step_is_the_largest_proposal_and_lower_holds_are_raised(store) -> None:  # type: ignore[no-untyped-def]
-    key, members = f"t/{uuid.uuid4().hex}/stop/3", ("a", "b")
+def test_the_stop_step_is_the_largest_proposal_and_lower_holds_are_raised(store, prefix: str) -> None:  # type: ignore[no-untyped-def]
+    key, members = prefix + "stop/3", ("a", "b")
     a, b = FakeGroup(12), FakeGroup(40)
     rec_a = StopAgreement(store, key, "a", members, log).join(a, leaving=False)
     assert rec_a["at"] == 12 and a.holds == [12, 12]  # held at its own proposal before and after merging
@@ -47,8 +46,8 @@ def test_the_stop_step_is_the_largest_proposal_and_lower_holds_are_raised(store)
     assert final["complete"] and final["at"] == 40  # a's workers go on from 12 to 40
 
 
-def test_concurrent_joins_agree_on_the_maximum(store) -> None:  # type: ignore[no-untyped-def]
-    key = f"t/{uuid.uuid4().hex}/stop/0"
+def test_concurrent_joins_agree_on_the_maximum(store, prefix: str) -> None:  # type: ignore[no-untyped-def]
+    key = prefix + "stop/0"
     proposals = {f"n{i}": p for i, p in enumerate([7, 31, 19, 25, 3])}
     members = tuple(proposals)
     finals: dict[str, dict] = {}
@@ -65,14 +64,14 @@ def test_concurrent_joins_agree_on_the_maximum(store) -> None:  # type: ignore[n
     assert {n: (f["at"], f["complete"]) for n, f in finals.items()} == {n: (31, True) for n in members}
 
 
-def test_a_member_that_never_acknowledges_makes_the_stop_incomplete(store) -> None:  # type: ignore[no-untyped-def]
-    key = f"t/{uuid.uuid4().hex}/stop/1"
+def test_a_member_that_never_acknowledges_makes_the_stop_incomplete(store, prefix: str) -> None:  # type: ignore[no-untyped-def]
+    key = prefix + "stop/1"
     agreement = StopAgreement(store, key, "a", ("a", "dead"), log)
     final = agreement.settle(agreement.join(FakeGroup(9), leaving=False), timeout=0.5)
     assert final["complete"] is False and final["at"] == 9
 
 
-def test_a_store_that_goes_away_during_the_agreement_still_gives_a_planned_stop(store) -> None:  # type: ignore[no-untyped-def]
+def test_a_store_that_goes_away_during_the_agreement_still_gives_a_planned_stop(store, prefix: str) -> None:  # type: ignore[no-untyped-def]
     from lattice.runtime.kv.api import KVUnavailable
 
     class Down:
@@ -81,16 +80,15 @@ def test_a_store_that_goes_away_during_the_agreement_still_gives_a_planned_stop(
                 raise KVUnavailable("connection refused")
             return fail
 
-    key = f"t/{uuid.uuid4().hex}/stop/2"
+    key = prefix + "stop/2"
     record = StopAgreement(store, key, "a", ("a", "b"), log).join(FakeGroup(15), leaving=False)
     final = StopAgreement(Down(), key, "a", ("a", "b"), log).settle(record, timeout=0.5)  # type: ignore[arg-type]
     assert final["complete"] and final["at"] == 15  # checkpoint at the best step known, as before
 
 
-def test_a_member_that_left_ends_the_wait_at_once(store) -> None:  # type: ignore[no-untyped-def]
+def test_a_member_that_left_ends_the_wait_at_once(store, prefix: str) -> None:  # type: ignore[no-untyped-def]
     import time
 
-    prefix = f"t/{uuid.uuid4().hex}/"
     store.cas(prefix + "members/a", b"{}", 0)  # a is registered; "gone" never was (or has left)
     agreement = StopAgreement(store, prefix + "stop/1", "a", ("a", "gone"), log,
                               member_key=lambda n: prefix + "members/" + n)

@@ -201,21 +201,18 @@ def test_an_unreachable_store_fails_the_checkpoint_after_one_round_of_retries(
     assert (s.location.local / fmt.step_dirname(1) / fmt.MANIFEST).is_file()  # the local commit stands
 
 
-def test_sent_entries_that_differ_from_the_manifest_are_put_again(tmp_path: Path) -> None:
+def test_sent_entries_that_differ_from_the_manifest_are_put_again(url: str, tmp_path: Path) -> None:
     local = make_checkpoint(tmp_path / "src", 3)
     info = fmt.parse_manifest((local / fmt.MANIFEST).read_bytes())["files"]
-    store = open_store(f"memory://uploader-{uuid.uuid4().hex[:10]}/job")
-    try:
-        put: list[str] = []
-        real = store.put_file
-        store.put_file = lambda step, name, *rest: (put.append(name), real(step, name, *rest))[1]  # type: ignore[method-assign]
-        real(3, fmt.TREE, local / fmt.TREE, info[fmt.TREE]["size"], info[fmt.TREE]["crc32c"])
-        real(3, fmt.DATA, memoryview(b"stale"), 5, crc32c.crc32c(b"stale"))  # what an earlier attempt left
-        sent = {fmt.TREE: (info[fmt.TREE]["size"], info[fmt.TREE]["crc32c"]),
-                fmt.DATA: (info[fmt.DATA]["size"], info[fmt.DATA]["crc32c"] ^ 1)}
-        transfer.upload(local, store, 3, sent=sent)
-        assert put == [fmt.DATA] and store.list_committed() == [3]
-        got = transfer.download(store, 3, tmp_path / "dst")
-        assert (got / fmt.DATA).read_bytes() == (local / fmt.DATA).read_bytes()
-    finally:
-        store.fs.rm(store.root, recursive=True)
+    store = open_store(url)
+    put: list[str] = []
+    real = store.put_file
+    store.put_file = lambda step, name, *rest: (put.append(name), real(step, name, *rest))[1]  # type: ignore[method-assign]
+    real(3, fmt.TREE, local / fmt.TREE, info[fmt.TREE]["size"], info[fmt.TREE]["crc32c"])
+    real(3, fmt.DATA, memoryview(b"stale"), 5, crc32c.crc32c(b"stale"))  # what an earlier attempt left
+    sent = {fmt.TREE: (info[fmt.TREE]["size"], info[fmt.TREE]["crc32c"]),
+            fmt.DATA: (info[fmt.DATA]["size"], info[fmt.DATA]["crc32c"] ^ 1)}
+    transfer.upload(local, store, 3, sent=sent)
+    assert put == [fmt.DATA] and store.list_committed() == [3]
+    got = transfer.download(store, 3, tmp_path / "dst")
+    assert (got / fmt.DATA).read_bytes() == (local / fmt.DATA).read_bytes()
