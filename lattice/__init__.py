@@ -153,8 +153,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'lattice' has no attribute {name!r}")
 
 
-
-
 def register_adapter(adapter: Any, *, replace: bool = False) -> Any:
     """Add an adapter class or instance (also usable as a class decorator)."""
     return ADAPTERS.register(adapter, replace=replace)

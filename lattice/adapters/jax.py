@@ -81,7 +81,6 @@ class JaxCodec(NumpyCodec):
         return view if view.flags.c_contiguous else None
 
 
-
 def _leaf_ok(x: Any) -> bool:
     return x is None or isinstance(x, jax.Array | np.ndarray | np.generic | jax_tree._SCALARS)
 

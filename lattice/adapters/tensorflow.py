@@ -94,7 +94,6 @@ class TFCodec(NumpyCodec):
         return host_array(x)
 
 
-
 def assign(var: Any, value: Any, where: str) -> None:
     """``var.assign(value)`` eagerly, after checking shape and dtype; skips ``value is var``."""
     if value is var:

@@ -31,7 +31,7 @@ import crc32c as _crc
 
 from ..errors import AlreadyCommittedError, CheckpointError
 from ..ranks import rank_part
-from .base import Store
+from .base import Source, Store, named
 from .transfer import commit_manifest, drop_other_timeline, is_transient, retry
 
 log = logging.getLogger("lattice")
@@ -54,9 +54,8 @@ def assemble(store: Store, tmp: Path, snap: Any, files: Files, manifest_for: Cal
     for name, info in files.items():
         _put(store, step, name, tmp / name, info, deadline)
     part = json.dumps({"rank": ranks.rank, "tag": tag, "files": files}).encode()
-    (tmp / rank_part(ranks.rank)).write_bytes(part)
-    _put(store, step, rank_part(ranks.rank), tmp / rank_part(ranks.rank),
-         {"size": len(part), "crc32c": _crc.crc32c(part)}, deadline)
+    _put(store, step, rank_part(ranks.rank), memoryview(part), {"size": len(part), "crc32c": _crc.crc32c(part)},
+         deadline)
     if ranks.rank != 0:
         return False
     everything = dict(files)
@@ -66,13 +65,13 @@ def assemble(store: Store, tmp: Path, snap: Any, files: Files, manifest_for: Cal
     return True
 
 
-def _put(store: Store, step: int, name: str, path: Path, info: dict[str, int], deadline: float) -> None:
+def _put(store: Store, step: int, name: str, source: Source, info: dict[str, int], deadline: float) -> None:
     """Put one file (transient errors retried); while the step is still committed from another
     timeline (rank 0 deletes it first), wait and try again until ``deadline``."""
     delay = 0.05
     while True:
         try:
-            retry(f"uploading {path}", lambda: store.put_file(step, name, path, info["size"], info["crc32c"]))
+            retry(f"uploading {named(source)}", lambda: store.put_file(step, name, source, info["size"], info["crc32c"]))
             return
         except AlreadyCommittedError:
             if time.monotonic() > deadline:
@@ -91,10 +90,8 @@ def _wait_parts(store: Store, step: int, world: int, tag: str, deadline: float) 
                 continue
             try:
                 doc = json.loads(store.read_pending(step, rank_part(r)))
-            except FileNotFoundError:
+            except (FileNotFoundError, ValueError):  # not there yet, or not a declaration this code wrote
                 continue
-            except ValueError:
-                continue  # not a declaration this code wrote: wait for the right one to replace it
             except Exception as exc:
                 if not is_transient(exc):
                     raise

@@ -27,16 +27,43 @@ log = logging.getLogger("lattice")
 Source = Path | memoryview  # what put_file uploads: a local file, or bytes in memory
 
 
+def byte_view(view: memoryview) -> memoryview:
+    """``view`` as one flat run of bytes (a view of a float array counts elements, not bytes)."""
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
 class _ViewReader:
     """``read(n)`` over a memoryview, handing out slices (no copy)."""
 
     def __init__(self, view: memoryview):
-        self.view, self.at = view.cast("B") if view.format != "B" or view.ndim != 1 else view, 0
+        self.view, self.at = byte_view(view), 0
 
     def read(self, n: int = -1) -> memoryview:
         end = len(self.view) if n < 0 else min(len(self.view), self.at + n)
         out, self.at = self.view[self.at:end], end
         return out
+
+
+class Limited:
+    """At most ``length`` bytes of ``f``, from where it stands; closing it closes ``f``."""
+
+    def __init__(self, f: BinaryIO, length: int):
+        self.f, self.left = f, length
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.f.read(n) if n else b""
+        self.left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self) -> Limited:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def named(source: Source) -> str:
@@ -139,8 +166,6 @@ class Store(abc.ABC):
         ``open_file``. The default seeks in ``open_file``'s stream; backends with a cheaper
         ranged read (HTTP ``Range``) override it.
         """
-        from .ranged import Limited
-
         f = self.open_file(step, name)
         try:
             f.seek(offset)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import concurrent.futures
 import os
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import crc32c as _crc
 
+from ..errors import ConfigError
+from ..persist import pwrite_all
 from ..restore import crc32c_combine
 
 CHUNK = 8 << 20
@@ -29,8 +31,6 @@ def streams() -> int:
     try:
         return max(1, int(text)) if text else 4
     except ValueError:
-        from ..errors import ConfigError
-
         raise ConfigError(f"LATTICE_DOWNLOAD_STREAMS={text!r}: expected a whole number >= 1") from None
 
 
@@ -40,28 +40,6 @@ def ranges(size: int) -> list[tuple[int, int]]:
     k = max(1, k)
     bounds = [size * i // k for i in range(k + 1)]
     return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(k)]
-
-
-class Limited:
-    """At most ``length`` bytes of ``f``, from where it stands; closing it closes ``f``."""
-
-    def __init__(self, f: BinaryIO, length: int):
-        self.f, self.left = f, length
-
-    def read(self, n: int = -1) -> bytes:
-        n = self.left if n < 0 else min(n, self.left)
-        data = self.f.read(n) if n else b""
-        self.left -= len(data)
-        return data
-
-    def close(self) -> None:
-        self.f.close()
-
-    def __enter__(self) -> Limited:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def fetch_ranges(store: Any, step: int, name: str, dest: Path, parts: list[tuple[int, int]]) -> tuple[int, int]:
@@ -86,9 +64,6 @@ def _fetch_range(store: Any, step: int, name: str, fd: int, offset: int, length:
     with store.open_range(step, name, offset, length) as src:
         while got < length and (data := src.read(min(CHUNK, length - got))):
             crc = _crc.crc32c(data, crc)
-            view, at = memoryview(data), offset + got
-            while view:
-                written = os.pwrite(fd, view, at)
-                view, at = view[written:], at + written
+            pwrite_all(fd, memoryview(data), offset + got)
             got += len(data)
     return got, crc

@@ -21,8 +21,7 @@ from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
 from ..errors import AlreadyCommittedError, CheckpointError, ConfigError, CorruptCheckpointError
-from .base import Source, Store, check_name, named
-from .ranged import Limited
+from .base import Limited, Source, Store, byte_view, check_name, named
 from .transfer import TransientStoreError
 
 CHUNK = 8 << 20
@@ -76,20 +75,14 @@ class ServiceStore(Store):
             for k, v in hdrs.items():
                 conn.putheader(k, v)
             conn.endheaders()
+            # endheaders() has connected: conn.sock is set
             if stream_from is not None:
-                with open(stream_from, "rb") as f:
-                    if conn.sock is not None:  # zero-copy from the page cache (sendfile where the OS has it)
-                        conn.sock.sendfile(f, 0, size)
-                    else:
-                        while chunk := f.read(CHUNK):
-                            conn.send(chunk)
+                with open(stream_from, "rb") as f:  # zero-copy from the page cache (sendfile where the OS has it)
+                    conn.sock.sendfile(f, 0, size)
             elif body is not None and len(body):
                 view = memoryview(body)
                 for i in range(0, len(view), CHUNK):  # sendall's timeout covers one call: keep calls small
-                    if conn.sock is not None:
-                        conn.sock.sendall(view[i:i + CHUNK])  # slices of a memoryview: no copy
-                    else:
-                        conn.send(view[i:i + CHUNK])
+                    conn.sock.sendall(view[i:i + CHUNK])  # slices of a memoryview: no copy
             return conn, conn.getresponse()
         except (http.client.HTTPException, OSError) as exc:
             conn.close()
@@ -155,7 +148,7 @@ class ServiceStore(Store):
         check_name(name)
         where: dict[str, Any]
         if isinstance(source, memoryview):
-            view = source.cast("B") if source.format != "B" or source.ndim != 1 else source
+            view = byte_view(source)
             if len(view) != size:
                 raise CorruptCheckpointError(named(source), None, f"is {len(view)} bytes, expected {size}")
             where = {"body": view}
@@ -216,7 +209,6 @@ class ServiceStore(Store):
     def cleanup(self) -> list[str]:
         """Nothing to do from the client: the service removes abandoned uploads itself when it starts."""
         return []
-
 
 
 class _Body:

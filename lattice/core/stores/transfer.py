@@ -29,6 +29,7 @@ RETRIES = 5
 BACKOFF = 0.2  # seconds, doubled per attempt, at most MAX_BACKOFF
 MAX_BACKOFF = 5.0
 T = TypeVar("T")
+Sent = dict[str, tuple[int, int]]  # file name -> (size, crc32c) already put for a step
 
 
 class TransientStoreError(OSError):
@@ -61,7 +62,7 @@ def retry(what: str, fn: Callable[[], T], retries: int = RETRIES) -> T:
 
 
 def upload(local_dir: Path, store: Store, step: int, keep: int | None = None,
-           sent: dict[str, tuple[int, int]] | None = None) -> None:
+           sent: Sent | None = None) -> None:
     """Upload committed local checkpoint ``local_dir`` as ``step``: every file, then the manifest.
 
     A step already committed in the store (from an abandoned timeline) is deleted first, as a

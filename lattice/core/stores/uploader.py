@@ -21,10 +21,9 @@ from .. import fmt
 from ..errors import AlreadyCommittedError, CheckpointError, CorruptCheckpointError
 from ..snapshot import Snapshot
 from .base import Store
-from .transfer import TransientStoreError, drop_other_timeline, upload
+from .transfer import Sent, TransientStoreError, drop_other_timeline, upload
 
 log = logging.getLogger("lattice")
-Sent = dict[str, tuple[int, int]]  # file name -> (size, crc32c) put for the step
 
 
 class Uploader:
