@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
-from ..k8s.model import TERMINAL
+from ..k8s.model import TERMINAL, iso
 from ..k8s.spec import JobSpec, parse_job
 from . import procs, translate
 from .fields import check_fields
 from .observe import PodRecord
 from .state import JobDir, all_jobs, write_json
-from .table import now_stamp
 
 CONTROLLER_START = 20.0  # seconds `apply` waits for the controller's first status
 
@@ -110,7 +109,7 @@ def apply(obj: dict[str, Any], workdir: str, local: dict[str, Any]) -> tuple[Job
         job.remove()  # what an earlier, deleted job of this name left (never checkpoints or logs)
         stored = copy.deepcopy(obj)
         meta = stored.setdefault("metadata", {})
-        meta.update(namespace=spec.namespace, creationTimestamp=now_stamp(), uid=str(uuid.uuid4()), generation=1)
+        meta.update(namespace=spec.namespace, creationTimestamp=iso(time.time()), uid=str(uuid.uuid4()), generation=1)
         stored.pop("status", None)
         job.write_job(stored)
         checkpoint = translate.checkpoint_dir(spec.checkpoint, job.checkpoints, workdir)

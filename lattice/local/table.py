@@ -8,11 +8,10 @@ written the way kubectl writes them (``45s``, ``3m20s``, ``5h``, ``2d3h``).
 from __future__ import annotations
 
 import datetime
-import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..k8s.model import iso, parse_time
+from ..k8s.model import parse_time
 
 # (header, JSONPath, type): the CRD's printer columns; NAME comes first, as kubectl adds it
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -34,11 +33,6 @@ def lookup(obj: Any, path: str) -> Any:
             return None
         obj = obj[part]
     return obj
-
-
-def now_stamp() -> str:
-    """Now as an RFC 3339 UTC timestamp with seconds, like the API server's."""
-    return iso(time.time())
 
 
 def _pair(big: int, big_unit: str, small: int, small_unit: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from lattice.runtime.kv import create_backend
@@ -23,22 +23,19 @@ _published: dict[tuple[str, str], int] = {}  # job -> the generation whose limit
 _guard = threading.Lock()
 
 
-def pod_generations(pods: Iterable[Mapping[str, Any]]) -> list[int]:
+def pod_generations(pods: Iterable[Mapping[str, Any]]) -> Iterator[int]:
     """The spec generation each pod was created with (its ``LATTICE_SPEC_GENERATION``)."""
-    out = []
     for pod in pods:
         for container in (pod.get("spec") or {}).get("containers") or []:
             for env in container.get("env") or []:
                 if env.get("name") == "LATTICE_SPEC_GENERATION" and str(env.get("value", "")).isdigit():
-                    out.append(int(env["value"]))
-    return out
+                    yield int(env["value"])
 
 
 def publish_if_stale(spec: Any, pods: Iterable[Mapping[str, Any]]) -> threading.Thread | None:
     """Start publishing ``spec``'s limits if a pod runs an older generation; returns the thread."""
     key, rdzv = (spec.namespace, spec.name), spec.rendezvous
-    older = [g for g in pod_generations(pods) if g < spec.generation]
-    if not older or rdzv is None or not rdzv.endpoint:
+    if rdzv is None or not rdzv.endpoint or not any(g < spec.generation for g in pod_generations(pods)):
         return None
     with _guard:
         if _published.get(key, 0) >= spec.generation:

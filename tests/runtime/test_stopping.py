@@ -91,7 +91,7 @@ def test_a_member_that_left_ends_the_wait_at_once(store, prefix: str) -> None:  
 
     store.cas(prefix + "members/a", b"{}", 0)  # a is registered; "gone" never was (or has left)
     agreement = StopAgreement(store, prefix + "stop/1", "a", ("a", "gone"), log,
-                              member_key=lambda n: prefix + "members/" + n)
+                              members_prefix=prefix + "members/")
     t0 = time.monotonic()
     final = agreement.settle(agreement.join(FakeGroup(9), leaving=False), timeout=30)
     assert final["complete"] is False and time.monotonic() - t0 < 5

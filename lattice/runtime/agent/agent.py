@@ -66,8 +66,7 @@ class Agent:
         self.restarts = 0
         self.log = _Log(log, {"job": cfg.job, "node": cfg.node, "round": "-", "rank": "-"})
         self._control_dir = Path(tempfile.mkdtemp(prefix=f"lattice-{cfg.job}-"))
-        # spares only for single-agent jobs: a planned stop's step is chosen from the announcing
-        # agent's workers, so the workers of all agents must start a round together (see spare.py)
+        # spares only for single-agent jobs (see spare.py)
         self._spares = (SparePool(cfg.command, self._control_dir / "spares", cfg.preload)
                         if cfg.spares and cfg.max_nodes == 1 and SparePool.usable(cfg.command) else None)
         self.memtier = MemoryTier(cfg, self.metrics)  # checkpoints in /dev/shm, persisted in the background
@@ -199,7 +198,7 @@ class Agent:
     def _agree_stop(self, a: Any, group: WorkerGroup, leaving: bool) -> dict[str, Any]:
         """Agree with the round's other agents on the step every rank stops at (stopping.py)."""
         agreement = StopAgreement(self._open_store(), self._key(f"stop/{a.round}"), self.cfg.node, a.nodes,
-                                  self.log, member_key=lambda n: self._key(f"members/{n}"))
+                                  self.log, members_prefix=self._key("members/"))
         record = agreement.settle(agreement.join(group, leaving), min(self.cfg.grace, 10.0))
         self.log.info("planned stop of round %d at step %d%s", a.round, record["at"],
                       f"; leaving: {record['leaving']}" if record["leaving"] else "")

@@ -26,6 +26,8 @@ STAGE = ".upload-"  # hard links to a checkpoint being uploaded (survive the wor
 SLOTS = 2  # checkpoints the tier must hold at once: the newest one kept + the next being written
 POLL = 0.2  # seconds between looks at the memory dir
 FULL = 1 << 20  # less room than this while a checkpoint is being written: it did not fit
+
+
 def parse_size(text: str | None) -> int | None:
     """``"512M"``, ``"2G"``, ``"2GiB"``, ``"1048576"`` -> bytes (binary units); ``None``/``""`` -> None."""
     if text is None or str(text).strip() == "":

@@ -232,7 +232,8 @@ class MemoryTier:
                 with contextlib.suppress(OSError):  # the worker's own retention may have taken it
                     memory.delete(path)
                     pruned = True
-        if pruned:  # their verified-markers go too (not on every tick: nothing else removes checkpoints)
+        if pruned:  # their verified-markers go too; only here, not on every tick (a marker whose
+            # checkpoint the worker's own retention removed waits for the next prune)
             tiers.drop_stale_marks(self.dir)
 
     # -- room ------------------------------------------------------------------------------------

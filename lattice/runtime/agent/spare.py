@@ -37,12 +37,12 @@ After reading its assignment the spare writes a marker line to both; the agent d
 came before it (e.g. warnings printed while importing torch) and prefixes every line after it
 by rank, as for any worker.
 
-Spares are used in single-agent jobs only (``--nnodes`` max 1). In a multi-agent job the
-agent that announces a planned stop picks the step from its own workers' progress, which is
-right only if the workers of all agents started the round at about the same time; a worker
-started in a spare in 50 ms next to one started fresh in a second would be past that step
-(ranks that train in lockstep, as DDP ranks do, would not, but the agent does not rely on
-that). Enabling them there needs the stop step to account for every agent's workers.
+Spares are used in single-agent jobs only (``--nnodes`` max 1). They were kept out of
+multi-agent jobs because a planned stop's step used to come from the announcing agent's workers
+alone, which a worker started from a spare (50 ms, next to one started fresh in a second) could
+already have passed. The agents now agree on the step from every agent's proposal
+(``stopping.py``), which removes that reason; spares in multi-agent jobs are still off because
+nothing tests them there yet.
 
 A plain ``Popen`` is used instead when the command is not ``<this Python> [-u] script ...`` or
 ``<this Python> [-u] -m module ...`` (``--no-python``, other interpreter flags), with

@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
-from ..kv.api import CASConflict, KVStore, KVUnavailable
+from ..kv.api import CASConflict, KVEntry, KVStore, KVUnavailable
 from .workers import WorkerGroup
 
 LEAD_TIME = 0.5  # seconds of steps allowed for the announcement to reach the other agents
@@ -41,9 +40,9 @@ class StopAgreement:
     """This agent's side of one round's planned-stop record."""
 
     def __init__(self, store: KVStore, key: str, node: str, members: tuple[str, ...], log: Any,
-                 member_key: Callable[[str], str] | None = None):
+                 members_prefix: str | None = None):
         self.store, self.key, self.node, self.members, self.log = store, key, node, members, log
-        self.member_key = member_key  # a member's registration key: gone means the member left
+        self.members_prefix = members_prefix  # + node: a member's registration; gone means it left
 
     def join(self, group: WorkerGroup, leaving: bool) -> dict[str, Any]:
         """Hold the workers at this agent's proposal and merge it into the record; returns the record."""
@@ -52,10 +51,8 @@ class StopAgreement:
         record: dict[str, Any] = {"at": proposal, "by": self.node, "leaving": [], "acks": []}
         for _ in range(100):
             try:
-                entry = self.store.get(self.key)
-                if entry is not None:
-                    record = json.loads(entry.value)
-                    record.setdefault("acks", [])
+                stored, entry = read_record(self.store, self.key)
+                record = stored or record
                 merged = self._merge(record, proposal, leaving)
                 if merged == record and entry is not None:
                     break
@@ -87,11 +84,11 @@ class StopAgreement:
         deadline, index, store_down = time.monotonic() + timeout, 0, False
         while not set(self.members) <= set(record["acks"]):
             left = deadline - time.monotonic()
-            if left <= 0 and store_down:  # as in join(): stop at the best step known, with a checkpoint
-                self.log.warning("the store is unreachable; stopping at step %d without every agent's answer",
-                                 record["at"])
-                break
             if left <= 0:
+                if store_down:  # as in join(): stop at the best step known, with a checkpoint
+                    self.log.warning("the store is unreachable; stopping at step %d without every agent's "
+                                     "answer", record["at"])
+                    break
                 missing = sorted(set(self.members) - set(record["acks"]))
                 self.log.warning("agents %s did not acknowledge the planned stop within %.0fs (gone?): no "
                                  "checkpoint of step %d can commit without their ranks; stopping the workers "
@@ -99,10 +96,7 @@ class StopAgreement:
                 return {**record, "complete": False}
             try:
                 index = self.store.wait(self.key, index, min(2.0, left)).index
-                entry = self.store.get(self.key)
-                if entry is not None:
-                    record = json.loads(entry.value)
-                    record.setdefault("acks", [])
+                record = read_record(self.store, self.key)[0] or record
                 store_down = False
                 gone = self._gone(set(self.members) - set(record["acks"]))
                 if gone:
@@ -115,12 +109,21 @@ class StopAgreement:
                 time.sleep(min(0.5, max(left, 0.0)))
         return {**record, "complete": True}
 
-
     def _gone(self, members: set[str]) -> list[str]:
         """Those of ``members`` whose registration is gone (they left or their session expired)."""
-        if self.member_key is None:
+        if self.members_prefix is None:
             return []
-        return sorted(n for n in members if self.store.get(self.member_key(n)) is None)
+        return sorted(n for n in members if self.store.get(self.members_prefix + n) is None)
+
+
+def read_record(store: KVStore, key: str) -> tuple[dict[str, Any] | None, KVEntry | None]:
+    """The stop record at ``key`` and its store entry; (None, None) if there is none yet."""
+    entry = store.get(key)
+    if entry is None:
+        return None, None
+    record = json.loads(entry.value)
+    record.setdefault("acks", [])
+    return record, entry
 
 
 def await_leavers(store: KVStore, stop_key: str, members_prefix: str, timeout: float, log: Any) -> None:
@@ -129,8 +132,8 @@ def await_leavers(store: KVStore, stop_key: str, members_prefix: str, timeout: f
     deadline, index, present = time.monotonic() + timeout, 0, []
     while time.monotonic() < deadline:
         try:
-            entry = store.get(stop_key)
-            leaving = json.loads(entry.value)["leaving"] if entry else []
+            record = read_record(store, stop_key)[0]
+            leaving = record["leaving"] if record else []
             present = [n for n in leaving if store.get(f"{members_prefix}{n}") is not None]
             if not present:
                 return

@@ -108,11 +108,17 @@ def effective(state: RoundState, limits: Limits) -> Limits:
     return Limits(lo, hi, limits.last_call, gen)
 
 
+def with_limits(state: RoundState, limits: Limits) -> RoundState | None:
+    """``state`` carrying ``limits`` if it holds older ones or none; None if it holds these or newer."""
+    if state.sizes is not None and state.sizes[0] >= limits.generation:
+        return None
+    return dataclasses.replace(state, sizes=(limits.generation, limits.min_nodes, limits.max_nodes))
+
+
 def decide(state: RoundState, me: str, alive: frozenset[str], now: float, limits: Limits) -> Action:
     """The next action of agent ``me`` given the observed document and live agents."""
-    if limits.generation > 0 and (state.sizes is None or state.sizes[0] < limits.generation):
-        mine = (limits.generation, limits.min_nodes, limits.max_nodes)
-        return Write(dataclasses.replace(state, sizes=mine))  # publish newer limits first
+    if limits.generation > 0 and (newer := with_limits(state, limits)) is not None:
+        return Write(newer)  # publish newer limits first
     limits = effective(state, limits)
     if state.phase == CLOSED:
         return _closed(state, me, alive, limits)

@@ -11,11 +11,9 @@ more workers than remain close with fewer, and raising ``maxSize`` lets waiting 
 
 from __future__ import annotations
 
-import dataclasses
-
 from ..kv.api import CASConflict, KVStore
 from .api import Keys
-from .decide import RoundState
+from .decide import Limits, RoundState, with_limits
 
 
 def publish_limits(store: KVStore, job: str, generation: int, min_nodes: int, max_nodes: int) -> bool:
@@ -25,19 +23,19 @@ def publish_limits(store: KVStore, job: str, generation: int, min_nodes: int, ma
     limits when they start) or already holds limits of this generation or a newer one. The write
     is a compare-and-set, retried on conflicts with the agents' own writes.
     """
-    if generation <= 0 or not 1 <= min_nodes <= max_nodes:
-        raise ValueError(f"need generation > 0 and 1 <= min <= max, got {generation}, {min_nodes}:{max_nodes}")
+    if generation <= 0:
+        raise ValueError(f"need a spec generation > 0, got {generation}")
+    limits = Limits(min_nodes, max_nodes, generation=generation)  # checks 1 <= min <= max
     key = Keys(job).state
     for _ in range(50):
         entry = store.get(key)
         if entry is None:
             return False
-        state = RoundState.from_json(entry.value)
-        if state.sizes is not None and state.sizes[0] >= generation:
+        newer = with_limits(RoundState.from_json(entry.value), limits)
+        if newer is None:
             return False
         try:
-            store.cas(key, dataclasses.replace(state, sizes=(generation, min_nodes, max_nodes)).to_json(),
-                      entry.mod_index)
+            store.cas(key, newer.to_json(), entry.mod_index)
             return True
         except CASConflict:
             continue

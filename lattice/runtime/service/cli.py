@@ -24,6 +24,8 @@ from lattice.core.errors import ConfigError
 
 log = logging.getLogger("lattice")
 READ_BUFSIZE = 1 << 20  # socket reads buffered per connection before back-pressure
+
+
 def parse_size(text: str) -> int:
     """``"1048576"``, ``"512M"``, ``"10G"`` or ``"1T"`` (binary units) -> bytes, for argparse."""
     try:

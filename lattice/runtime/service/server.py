@@ -232,8 +232,7 @@ class Service:
         target = path / name
         if crc is None or not target.is_file() or not self.root.inside(target, jd.path):
             _fail(404, f"committed checkpoint {step} of job {job!r} has no file {name!r}")
-        return web.FileResponse(target, headers={CRC_HEADER: f"{crc:08x}",
-                                                 "Content-Type": "application/octet-stream"})
+        return _file_response(target, crc)
 
     async def get_pending_file(self, request: web.Request) -> web.StreamResponse:
         """``GET .../checkpoints/{step}/pending/{file}``: a verified file of a not yet committed upload
@@ -242,10 +241,9 @@ class Service:
         name = names.check_file(request.match_info["file"])
         pending = self.pending.get((job, step))
         entry = pending.files.get(name) if pending is not None and not pending.committing else None
-        if pending is None or entry is None or not (pending.dir / name).is_file():
+        if entry is None or not (pending.dir / name).is_file():  # entry is None whenever pending is
             _fail(404, f"job {job!r} has no pending upload of step {step} with file {name!r}")
-        return web.FileResponse(pending.dir / name, headers={CRC_HEADER: f"{entry[1]:08x}",
-                                                             "Content-Type": "application/octet-stream"})
+        return _file_response(pending.dir / name, entry[1])
 
     async def delete_step(self, request: web.Request) -> web.Response:
         """``DELETE .../checkpoints/{step}``: drop a committed checkpoint and/or a pending upload."""
@@ -304,6 +302,11 @@ def _content_length(request: web.Request) -> int:
     if request.content_length is None:
         _fail(411, "Content-Length is required (the body is streamed to disk and checked against it)")
     return request.content_length
+
+
+def _file_response(path: Path, crc: int) -> web.FileResponse:
+    """Stream ``path`` (``Range`` -> 206) with its crc32c in the header the client checks."""
+    return web.FileResponse(path, headers={CRC_HEADER: f"{crc:08x}", "Content-Type": "application/octet-stream"})
 
 
 def _keep(request: web.Request) -> int | None:
