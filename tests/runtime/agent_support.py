@@ -103,6 +103,23 @@ def last_step_before(p: Proc, marker: str) -> int:
     raise AssertionError(f"{marker!r} not in output")
 
 
+def start_step(line: str) -> int:
+    """The step in a worker's ``start step N world W`` line."""
+    return int(re.search(r"start step (\d+)", line).group(1))  # type: ignore[union-attr]
+
+
+def leave_gracefully(survivor: Proc, *leavers: Proc) -> tuple[str, int]:
+    """SIGTERM ``leavers`` at once (each exits 0 after the planned checkpoint); the survivor's
+    restart line, alone, and its step."""
+    mark = survivor.mark()
+    for p in leavers:
+        p.signal(signal.SIGTERM)
+    for p in leavers:
+        assert p.wait(60) == 0, p.text
+    down = survivor.wait_for(lambda ln: "world 1" in ln and "start step" in ln, 60, after=mark)
+    return down, start_step(down)
+
+
 def wait_committed(where: Path | str, at_least: int, timeout: float = 60) -> int:
     """Wait until ``where`` (a checkpoint directory or URL) holds a committed checkpoint of step
     ``at_least`` or later (every rank's part is in: the workers of different agents drift

@@ -7,7 +7,6 @@ import ctypes
 import os
 import select
 import shutil
-import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -103,18 +102,6 @@ def memory_root() -> Iterator[Path]:
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-def can_mount_tmpfs() -> bool:
-    """Whether ``unshare -rm`` lets this user mount a private tmpfs over /dev/shm (user namespaces)."""
-    if shutil.which("unshare") is None:
-        return False
-    try:
-        r = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
-                           capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return r.returncode == 0
 
 
 def cfg(tmp: Path, root: Path, **kw: object) -> SimpleNamespace:

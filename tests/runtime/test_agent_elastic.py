@@ -11,7 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
-from agent_support import LATTICE, WORKER, Proc, last_step_before, serve, wait_committed
+from agent_support import (
+    LATTICE,
+    WORKER,
+    Proc,
+    last_step_before,
+    leave_gracefully,
+    serve,
+    start_step,
+    wait_committed,
+)
 
 
 def agent(tmp: Path, endpoint: str, *worker: str, ttl: str = "1") -> Proc:
@@ -34,15 +43,6 @@ def two_agents(tmp: Path, endpoint: str, procs: list[Proc], sleeps: tuple[str, s
     return a, b
 
 
-def leave_gracefully(leaver: Proc, survivor: Proc) -> tuple[str, int]:
-    """SIGTERM ``leaver`` (exits 0 after the planned checkpoint); the survivor's restart line and step."""
-    mark = survivor.mark()
-    leaver.signal(signal.SIGTERM)
-    assert leaver.wait(60) == 0, leaver.text
-    down = survivor.wait_for(lambda ln: "world 1" in ln and "start step" in ln, 60, after=mark)
-    return down, int(re.search(r"start step (\d+)", down).group(1))
-
-
 @pytest.mark.timeout(240)
 def test_agents_survive_a_kill_and_scale_up_and_down_without_losing_planned_steps(tmp_path: Path) -> None:
     server, endpoint = serve(tmp_path)
@@ -56,7 +56,7 @@ def test_agents_survive_a_kill_and_scale_up_and_down_without_losing_planned_step
         mark = a.mark()
         b.kill()
         line = a.wait_for(lambda ln: "world 1" in ln and "start step" in ln, 60, after=mark)
-        resumed = int(re.search(r"start step (\d+)", line).group(1))
+        resumed = start_step(line)
         assert resumed >= 20 and resumed % 10 == 0
 
         # scale up: a new agent joins; the running worker checkpoints at an agreed step first
@@ -65,13 +65,13 @@ def test_agents_survive_a_kill_and_scale_up_and_down_without_losing_planned_step
         c = agent(tmp_path, endpoint, "--steps", "100000", "--sleep", "0.05", "--every", "10")
         procs.append(c)
         up = a.wait_for(lambda ln: "world 2" in ln and "start step" in ln, 60, after=mark)
-        up_step = int(re.search(r"start step (\d+)", up).group(1))
+        up_step = start_step(up)
         assert up_step == last_step_before(a, up)  # no completed step is redone
         c.wait_for(lambda ln: f"start step {up_step} world 2" in ln, 60)
 
         # scale down: SIGTERM to the newcomer; both stop at one step, the survivor goes on alone
         a.wait_for(lambda ln: ln.endswith(f"]: step {up_step + 5}"), 60)
-        down, down_step = leave_gracefully(c, a)
+        down, down_step = leave_gracefully(a, c)
         assert down_step == last_step_before(a, down)
         c_steps = [int(m.group(1)) for m in worker_lines(c, r"\]: step (\d+)$")]
         assert max(c_steps) == down_step  # the leaving node's last step is in the checkpoint too
@@ -112,7 +112,7 @@ def test_a_planned_stop_never_sends_a_rank_that_is_ahead_back(tmp_path: Path) ->
     try:
         a, b = two_agents(tmp_path, endpoint, procs, ("0.02", "0.1"), "100000")
         b.wait_for(lambda ln: ln.endswith("]: step 10"), 60)
-        down, down_step = leave_gracefully(b, a)
+        down, down_step = leave_gracefully(a, b)
         b_steps = [int(m.group(1)) for m in worker_lines(b, r"\]: step (\d+)$")]
         assert down_step == last_step_before(a, down) == max(b_steps)
         assert down_step > 20  # the survivor was well ahead of the leaver's 10 steps
@@ -133,15 +133,9 @@ def test_two_agents_leaving_at_once_agree_with_the_survivor_on_one_step(tmp_path
         c = agent(tmp_path, endpoint, "--steps", "100000", "--sleep", "0.09", "--every", "100000")
         procs.append(c)
         started = [p.wait_for(lambda ln: "world 3" in ln and "start step" in ln, 60) for p in (a, b, c)]
-        first = int(re.search(r"start step (\d+)", started[2]).group(1))
+        first = start_step(started[2])
         c.wait_for(lambda ln: ln.endswith(f"]: step {first + 5}"), 60)  # all three train in world 3
-        mark = a.mark()
-        b.signal(signal.SIGTERM)
-        c.signal(signal.SIGTERM)
-        assert b.wait(60) == 0, b.text
-        assert c.wait(60) == 0, c.text
-        down = a.wait_for(lambda ln: "world 1" in ln and "start step" in ln, 60, after=mark)
-        down_step = int(re.search(r"start step (\d+)", down).group(1))
+        down, down_step = leave_gracefully(a, b, c)
         last = [max(int(m.group(1)) for m in worker_lines(p, r"\]: step (\d+)$")) for p in (b, c)]
         assert down_step == last_step_before(a, down) == last[0] == last[1]
     finally:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 from agent_support import LATTICE, ROOT, Proc
-from memtier_support import ReadWatch, can_mount_tmpfs, cfg, commit, memory_root
+from memtier_support import ReadWatch, cfg, commit, memory_root
+from userns import can_mount_tmpfs
 
 from lattice.core import inspect as ckpt
 from lattice.core.errors import ConfigError

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from service_support import ServiceProc  # noqa: E402
+from service_support import ServiceProc
 
 
 @pytest.fixture

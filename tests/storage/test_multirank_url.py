@@ -16,7 +16,7 @@ import crc32c
 import pytest
 import rank_procs
 from rank_procs import rank_env
-from storage_support import make_bucket, s3_env
+from storage_support import s3_env
 
 from lattice.core import fmt
 from lattice.core.stores import open_store
@@ -38,17 +38,15 @@ def run_ranks(mode: str, url: str, env: dict[str, str], world: int = 2, hosts: P
     out = {}
     for r, (code, stdout, stderr) in rank_procs.run_ranks([CHILD, mode, url], envs).items():
         assert (code != 0) == (r in failing), stderr
-        out[r] = json.loads(stdout.strip().splitlines()[-1])
+        out[r] = rank_procs.last_json(stdout)
     return out
 
 
 @pytest.mark.timeout(120)
 def test_two_ranks_on_one_host_checkpoint_to_s3_and_restore_from_it(
-        moto_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        s3: str, moto_server: str, tmp_path: Path) -> None:
     env = {**s3_env(moto_server), "LATTICE_STAGING_DIR": str(tmp_path / "stage")}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    url = f"s3://{make_bucket(moto_server)}/job"
+    url = f"{s3}/job"
     saved = run_ranks("save", url, env)
     store = open_store(url)
     assert store.list_committed() == [5]
@@ -63,14 +61,10 @@ def test_two_ranks_on_one_host_checkpoint_to_s3_and_restore_from_it(
 
 
 @pytest.fixture(params=["s3", "lattice"])
-def remote(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, dict]:
+def remote(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[str, dict]:
     """A fresh remote store URL and the environment the ranks need for it."""
     if request.param == "s3":
-        moto_server = request.getfixturevalue("moto_server")
-        env = s3_env(moto_server)
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-        return f"s3://{make_bucket(moto_server)}/job", env
+        return f"{request.getfixturevalue('s3')}/job", s3_env(request.getfixturevalue("moto_server"))
     address, token, _ = request.getfixturevalue("service_server")
     monkeypatch.setenv("LATTICE_SERVICE_TOKEN", token)
     return f"lattice://{address}/job-{uuid.uuid4().hex[:10]}", {"LATTICE_SERVICE_TOKEN": token}
