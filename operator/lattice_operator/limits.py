@@ -19,7 +19,7 @@ from lattice.runtime.kv import create_backend
 from lattice.runtime.rendezvous.limits import publish_limits
 
 log = logging.getLogger("lattice.operator")
-_published: dict[tuple[str, str], int] = {}  # job -> the generation whose limits are in its store
+_published: dict[tuple[str, str, str], int] = {}  # job (with its uid) -> the generation whose limits are in its store
 _guard = threading.Lock()
 
 
@@ -34,7 +34,7 @@ def pod_generations(pods: Iterable[Mapping[str, Any]]) -> Iterator[int]:
 
 def publish_if_stale(spec: Any, pods: Iterable[Mapping[str, Any]]) -> threading.Thread | None:
     """Start publishing ``spec``'s limits if a pod runs an older generation; returns the thread."""
-    key, rdzv = (spec.namespace, spec.name), spec.rendezvous
+    key, rdzv = (spec.namespace, spec.name, spec.uid), spec.rendezvous  # a recreated job starts at generation 1
     if rdzv is None or not rdzv.endpoint or not any(g < spec.generation for g in pod_generations(pods)):
         return None
     with _guard:
@@ -46,7 +46,7 @@ def publish_if_stale(spec: Any, pods: Iterable[Mapping[str, Any]]) -> threading.
     return thread
 
 
-def _publish(spec: Any, key: tuple[str, str]) -> None:
+def _publish(spec: Any, key: tuple[str, str, str]) -> None:
     rdzv = spec.rendezvous
     url = rdzv.endpoint if "://" in rdzv.endpoint else f"http://{rdzv.endpoint}"
     try:
